@@ -1,0 +1,2 @@
+from kvpack.cli import main
+raise SystemExit(main())
