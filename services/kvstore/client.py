@@ -1,0 +1,158 @@
+"""Python client of the kvstore (DESIGN.md "Python client of the store").
+
+    with KVStoreClient("127.0.0.1:50051") as store:
+        store.put(namespace, block_hash, record_bytes)
+        data = store.get(namespace, block_hash)        # None = miss
+        n = store.match(namespace, [h0, h1, h2])       # leading hashes present
+
+Every call has a deadline. Calls are idempotent (a put writes the same record under the same
+content-derived key), so UNAVAILABLE is retried a few times with backoff; after that the store is
+reported as `StoreUnavailable`, the one exception callers handle to fall back to recomputation.
+Records returned by `get` are verified again here, so nothing corrupted in transit is ever used.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import grpc
+
+from kvpack.common import record
+from kvpack.common.grpc_server import CHANNEL_OPTIONS
+from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
+
+T = TypeVar("T")
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+_UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class StoreError(Exception):
+    """Base of the client's errors."""
+
+
+class StoreUnavailable(StoreError):
+    """The store (or its backend) did not answer in time: recompute instead."""
+
+
+class InvalidRequest(StoreError, ValueError):
+    """The store rejected the request (INVALID_ARGUMENT / RESOURCE_EXHAUSTED); the message says why."""
+
+
+class Unauthenticated(StoreError, PermissionError):
+    """Missing or wrong token."""
+
+
+class KVStoreClient:
+    def __init__(self, target: str, *, token: str | None = None, timeout_seconds: float = 5.0,
+                 retries: int = 2, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 min_bytes_per_second: float = 50e6) -> None:
+        """
+        Args:
+            target: HOST:PORT of a kvstore.
+            token: shared secret, sent as `authorization: Bearer TOKEN`.
+            timeout_seconds: deadline of one attempt (puts and gets get extra time for their size,
+                at `min_bytes_per_second`).
+            retries: extra attempts after UNAVAILABLE / deadline exceeded.
+        """
+        self.target = target
+        self._timeout = timeout_seconds
+        self._retries = retries
+        self._chunk_bytes = chunk_bytes
+        self._min_rate = min_bytes_per_second
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
+
+    # -- API ---------------------------------------------------------------------------------
+    def put(self, namespace: str, block_hash: bytes, data: bytes) -> None:
+        deadline = self._timeout + len(data) / self._min_rate
+        self._call(lambda: self._stub.Put(self._chunks(namespace, block_hash, data),
+                                          timeout=deadline, metadata=self._metadata))
+
+    def get(self, namespace: str, block_hash: bytes) -> bytes | None:
+        request = kvstore_pb2.GetRequest(namespace=namespace, block_hash=block_hash)
+        data = self._call(lambda: self._receive(request))
+        if data is None:
+            return None
+        try:
+            record.verify(data, namespace)
+        except record.RecordError:
+            return None
+        return data
+
+    def match(self, namespace: str, hashes: list[bytes]) -> int:
+        request = kvstore_pb2.MatchRequest(namespace=namespace, block_hashes=hashes)
+        return self._call(lambda: self._stub.Match(
+            request, timeout=self._timeout, metadata=self._metadata)).matched
+
+    def delete(self, namespace: str, block_hash: bytes) -> bool:
+        request = kvstore_pb2.DeleteRequest(namespace=namespace, block_hash=block_hash)
+        return self._call(lambda: self._stub.Delete(
+            request, timeout=self._timeout, metadata=self._metadata)).deleted
+
+    def stats(self) -> dict:
+        response = self._call(lambda: self._stub.Stats(
+            kvstore_pb2.StatsRequest(), timeout=self._timeout, metadata=self._metadata))
+        return {field.name: getattr(response, field.name) for field in response.DESCRIPTOR.fields}
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> KVStoreClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"KVStoreClient({json.dumps(self.target)})"
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _chunks(self, namespace: str, block_hash: bytes, data: bytes) -> Iterator[kvstore_pb2.PutChunk]:
+        view = memoryview(data)
+        for offset in range(0, max(len(view), 1), self._chunk_bytes):
+            first = offset == 0
+            yield kvstore_pb2.PutChunk(
+                namespace=namespace if first else "",
+                block_hash=block_hash if first else b"",
+                total_bytes=len(view) if first else 0,
+                offset=offset,
+                data=bytes(view[offset : offset + self._chunk_bytes]))
+
+    def _receive(self, request: kvstore_pb2.GetRequest) -> bytes | None:
+        parts: list[bytes] = []
+        total = None
+        # The deadline must cover the transfer, whose size we learn from the first chunk: allow
+        # the largest record a server accepts by default.
+        deadline = self._timeout + (256 << 20) / self._min_rate
+        for chunk in self._stub.Get(request, timeout=deadline, metadata=self._metadata):
+            if not chunk.found:
+                return None
+            if total is None:
+                total = chunk.total_bytes
+            parts.append(chunk.data)
+        data = b"".join(parts)
+        if total is None or len(data) != total:
+            raise StoreUnavailable(f"kvstore at {self.target}: Get stream ended early")
+        return data
+
+    def _call(self, attempt: Callable[[], T]) -> T:
+        for attempt_index in range(self._retries + 1):
+            try:
+                return attempt()
+            except grpc.RpcError as error:
+                code = error.code()
+                if code in _UNAVAILABLE:
+                    if attempt_index < self._retries:
+                        time.sleep(0.05 * 2**attempt_index)
+                        continue
+                    raise StoreUnavailable(f"kvstore at {self.target}: {error.details()}") from None
+                if code is grpc.StatusCode.UNAUTHENTICATED:
+                    raise Unauthenticated(error.details()) from None
+                if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    raise InvalidRequest(error.details()) from None
+                raise StoreError(f"kvstore at {self.target}: {code.name}: {error.details()}") from None
+        raise AssertionError("unreachable")

@@ -1,0 +1,194 @@
+"""The kvpack.v1.KVStore gRPC servicer: validation, verification, chunking, metrics.
+
+Nothing partial is ever stored: a Put is written only after every chunk arrived in order and the
+whole record verified. A stored record that no longer verifies is dropped and served as a miss.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+
+from kvpack.common import record
+from kvpack.common.hashing import BLOCK_HASH_BYTES, namespace_fingerprint
+from kvpack.kvstore.backends import Backend, BackendUnavailable, RecordTooLarge, block_key
+from kvpack.kvstore.metrics import KVStoreMetrics
+from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
+
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+DEFAULT_MAX_RECORD_BYTES = 256 * 1024 * 1024
+MAX_NAMESPACE_CHARS = 512
+MAX_MATCH_HASHES = 65536
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
+    def __init__(self, backend: Backend, metrics: KVStoreMetrics, *,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        self.backend = backend
+        self.metrics = metrics
+        self.max_record_bytes = max_record_bytes
+        self.chunk_bytes = chunk_bytes
+
+    @contextmanager
+    def _request(self, op: str, context: grpc.ServicerContext):
+        """Times the request, counts its outcome, and turns _Abort/backend failures into statuses."""
+        start = time.perf_counter()
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            yield
+        except _Abort as error:
+            code, message = error.code, str(error)
+        except BackendUnavailable as error:
+            self.metrics.backend_errors.labels(op).inc()
+            code, message = grpc.StatusCode.UNAVAILABLE, f"backend unavailable: {error}"
+        except Exception:
+            code = grpc.StatusCode.UNKNOWN  # counted; grpc reports it (client cancellation, bugs)
+            raise
+        finally:
+            self.metrics.request_seconds.labels(op).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(op, code.name).inc()
+        if code is not grpc.StatusCode.OK:
+            context.abort(code, message)
+
+    # -- RPCs ---------------------------------------------------------------------------------
+    def Match(self, request, context):
+        with self._request("match", context):
+            fingerprint = _namespace(request.namespace)
+            if len(request.block_hashes) > MAX_MATCH_HASHES:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"block_hashes: at most {MAX_MATCH_HASHES} per call")
+            for index, block_hash in enumerate(request.block_hashes):
+                _check_hash(block_hash, f"block_hashes[{index}]")
+            present = self.backend.exists([block_key(fingerprint, h) for h in request.block_hashes])
+            matched = next((i for i, hit in enumerate(present) if not hit), len(present))
+            self.metrics.match_query_blocks.inc(len(present))
+            self.metrics.match_hit_blocks.inc(matched)
+            return kvstore_pb2.MatchResponse(matched=matched)
+
+    def Put(self, request_iterator, context):
+        with self._request("put", context):
+            namespace, block_hash, data = self._receive(request_iterator)
+            try:
+                record.verify(data, namespace)
+            except record.RecordError as error:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"data: {error}") from None
+            try:
+                self.backend.put(block_key(namespace_fingerprint(namespace), block_hash), data)
+            except RecordTooLarge as error:
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
+            self.metrics.put_bytes.inc(len(data))
+            return kvstore_pb2.PutResponse(stored_bytes=len(data))
+
+    def Get(self, request, context):
+        data = None
+        with self._request("get", context):
+            fingerprint = _namespace(request.namespace)
+            _check_hash(request.block_hash, "block_hash")
+            key = block_key(fingerprint, request.block_hash)
+            data = self.backend.get(key)
+            if data is not None:
+                try:
+                    record.verify(data, request.namespace)
+                except record.RecordError:
+                    self.metrics.corrupt_blocks.inc()
+                    self.backend.delete(key)  # recomputed and re-put by the next writer
+                    data = None
+            (self.metrics.misses if data is None else self.metrics.hits).inc()
+        if data is None:
+            yield kvstore_pb2.GetChunk(found=False)
+            return
+        self.metrics.get_bytes.inc(len(data))
+        view = memoryview(data)
+        for offset in range(0, len(view), self.chunk_bytes):
+            yield kvstore_pb2.GetChunk(
+                found=True, total_bytes=len(view) if offset == 0 else 0, offset=offset,
+                data=bytes(view[offset : offset + self.chunk_bytes]))
+
+    def Delete(self, request, context):
+        with self._request("delete", context):
+            fingerprint = _namespace(request.namespace)
+            _check_hash(request.block_hash, "block_hash")
+            deleted = self.backend.delete(block_key(fingerprint, request.block_hash))
+            return kvstore_pb2.DeleteResponse(deleted=deleted)
+
+    def Stats(self, request, context):
+        with self._request("stats", context):
+            usage = self.backend.usage()
+            value = self.metrics.value
+            return kvstore_pb2.StatsResponse(
+                backend=self.backend.url.split("://")[0],
+                backend_healthy=value("kvpack_kvstore_backend_up") == 1.0,
+                blocks=usage.blocks, bytes=usage.bytes, capacity_bytes=usage.capacity_bytes,
+                evictions=usage.evictions,
+                hits=int(value("kvpack_kvstore_hits_total")),
+                misses=int(value("kvpack_kvstore_misses_total")),
+                corrupt_blocks=int(value("kvpack_kvstore_corrupt_blocks_total")),
+                backend_errors=int(sum(value("kvpack_kvstore_backend_errors_total", op=op)
+                                       for op in ("match", "put", "get", "delete", "stats"))),
+            )
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _receive(self, chunks: Iterator[kvstore_pb2.PutChunk]) -> tuple[str, bytes, bytes]:
+        first = next(chunks, None)
+        if first is None:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before the first chunk")
+        _namespace(first.namespace)
+        _check_hash(first.block_hash, "block_hash")
+        total = first.total_bytes
+        if total == 0:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "total_bytes: must be positive")
+        if total > self.max_record_bytes:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"total_bytes: {total} exceeds the maximum record size of "
+                         f"{self.max_record_bytes} bytes")
+        parts: list[bytes] = []
+        received = 0
+        for index, chunk in enumerate(_chain(first, chunks)):
+            if index and (chunk.namespace or chunk.block_hash or chunk.total_bytes):
+                if (chunk.namespace, chunk.block_hash, chunk.total_bytes) != (
+                        first.namespace, first.block_hash, total):
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"chunk {index}: namespace/block_hash/total_bytes differ from the "
+                                 "first chunk")
+            if chunk.offset != received:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"offset: chunk {index} starts at {chunk.offset}, expected {received}")
+            if received + len(chunk.data) > total:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"data: more than total_bytes={total} bytes sent")
+            parts.append(chunk.data)
+            received += len(chunk.data)
+        if received != total:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"stream ended early: {received} of total_bytes={total} bytes received")
+        return first.namespace, first.block_hash, b"".join(parts)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _namespace(namespace: str) -> bytes:
+    if not namespace:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "namespace: must not be empty")
+    if len(namespace) > MAX_NAMESPACE_CHARS:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"namespace: longer than {MAX_NAMESPACE_CHARS} characters")
+    return namespace_fingerprint(namespace)
+
+
+def _check_hash(block_hash: bytes, field: str) -> None:
+    if len(block_hash) != BLOCK_HASH_BYTES:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"{field}: expected {BLOCK_HASH_BYTES} bytes, got {len(block_hash)}")
