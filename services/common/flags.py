@@ -41,7 +41,7 @@ def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
         else:
             try:
                 action.default = action.type(raw) if callable(action.type) else raw
-            except (TypeError, ValueError) as error:
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
                 parser.error(f"{name}={raw!r}: {error}")
         action.required = False
 

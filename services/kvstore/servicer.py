@@ -14,7 +14,7 @@ import grpc
 
 from kvpack.common import record
 from kvpack.common.hashing import BLOCK_HASH_BYTES, namespace_fingerprint
-from kvpack.kvstore.backends import Backend, BackendUnavailable, RecordTooLarge, block_key
+from kvpack.kvstore.backends import Backend, BackendUnavailable, RecordTooLarge, Usage, block_key
 from kvpack.kvstore.metrics import KVStoreMetrics
 from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
 
@@ -123,7 +123,10 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     def Stats(self, request, context):
         with self._request("stats", context):
-            usage = self.backend.usage()
+            try:
+                usage = self.backend.usage()
+            except BackendUnavailable:  # the service's own counters are still worth reporting
+                usage = Usage(blocks=0, bytes=0, capacity_bytes=0, evictions=0)
             value = self.metrics.value
             return kvstore_pb2.StatsResponse(
                 backend=self.backend.url.split("://")[0],

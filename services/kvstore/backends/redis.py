@@ -42,7 +42,6 @@ class RedisBackend(Backend):
                 host=parsed.hostname or "127.0.0.1",
                 port=parsed.port or 6379,
                 password=parsed.password,
-                cluster_error_retry_attempts=1,
                 **common,
             )
         else:

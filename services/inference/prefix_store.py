@@ -1,0 +1,195 @@
+"""Prefix reuse through the kvstore: fetch packed prompt blocks, and store new ones in the background.
+
+A block is `block_tokens` prompt tokens; its key is the chained hash of the tokens up to its end
+(kvpack.common.hashing), in the namespace model id + codec fingerprint + tenant. Its value is one
+record (kvpack.common.record): for every layer, the packed keys then the packed values of that block,
+exactly as `codec.to_bytes` wrote them, with their sizes in the header.
+
+Every store failure (down, slow, a record that fails verification or does not fit this model and
+codec) degrades to recomputation: `load_prefix` stops at the first bad block and the caller computes
+the rest. Puts run on a background thread behind a bounded queue, so they never delay a token.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kvpack.common import record
+from kvpack.common.hashing import block_hashes
+from kvpack.inference.kv_cache import Segment, SequenceCache
+from kvpack.inference.metrics import InferenceMetrics
+from kvpack.kernels.codec import KVCodec
+
+log = logging.getLogger("kvpack.inference.prefix")
+RECORD_KIND = "kvpack.inference.block/1"
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """What a record must say to be loadable into a cache of this model and codec."""
+
+    model_id: str
+    codec_name: str
+    codec_fingerprint: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_tokens: int
+
+
+def namespace_of(model_id: str, codec: KVCodec, tenant: str) -> str:
+    return f"{model_id}|{codec.name}:{codec.fingerprint()}|{tenant}"
+
+
+class PrefixStore:
+    """Reads and writes prompt blocks of one model in a kvstore."""
+
+    def __init__(self, client: Any, *, block_tokens: int, metrics: InferenceMetrics,
+                 max_pending_puts: int = 256) -> None:
+        if block_tokens <= 0:
+            raise ValueError(f"block_tokens must be positive, got {block_tokens}")
+        self.client = client
+        self.block_tokens = block_tokens
+        self.metrics = metrics
+        self._puts: queue.Queue = queue.Queue(maxsize=max_pending_puts)
+        self._writer = threading.Thread(target=self._write_loop, name="kvstore-put", daemon=True)
+        self._writer.start()
+
+    def hashes(self, token_ids: list[int]) -> list[bytes]:
+        return block_hashes(token_ids, self.block_tokens)
+
+    def _timed(self, op: str, call: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            return call()
+        finally:
+            self.metrics.kvstore_request_seconds.labels(op=op).observe(time.perf_counter() - start)
+
+    # -- read path ---------------------------------------------------------------------------
+    def load_prefix(self, cache: SequenceCache, token_ids: list[int], namespace: str,
+                    layout: BlockLayout, device: Any) -> int:
+        """Load the longest stored run of leading full blocks of `token_ids` into `cache`.
+
+        Only blocks that end before the last prompt token are asked for: that token must be
+        computed to get the logits of the first new token. Returns the number of tokens loaded.
+        """
+        from kvpack.kvstore.client import StoreError
+
+        hashes = self.hashes(token_ids[:-1])
+        self.metrics.prefix_query_tokens.inc(len(token_ids))
+        if not hashes:
+            return 0
+        try:
+            matched = self._timed("match", lambda: self.client.match(namespace, hashes))
+        except StoreError as error:
+            self._fallback("unavailable", error)
+            return 0
+        loaded = 0
+        for block_hash in hashes[:matched]:
+            try:
+                data = self._timed("get", lambda h=block_hash: self.client.get(namespace, h))
+            except StoreError as error:
+                self._fallback("unavailable", error)
+                break
+            if data is None:  # evicted between Match and Get, or dropped as corrupt by the store
+                self._fallback("miss", None)
+                break
+            try:
+                segments = self._decode_block(data, namespace, layout, device)
+            except (record.RecordError, ValueError, RuntimeError, KeyError) as error:
+                self._fallback("corrupt", error)
+                break
+            for layer, segment in zip(cache.layers, segments, strict=True):
+                layer.add_sealed(segment.keys, segment.values, segment.num_tokens)
+            loaded += self.block_tokens
+        self.metrics.prefix_hit_tokens.inc(loaded)
+        return loaded
+
+    def _decode_block(self, data: bytes, namespace: str, layout: BlockLayout,
+                      device: Any) -> list[Segment]:
+        header, payload = record.decode(data, namespace)
+        expected = {"kind": RECORD_KIND, "model": layout.model_id,
+                    "fingerprint": layout.codec_fingerprint}
+        got = {key: header.extra.get(key) for key in expected}
+        if (got != expected or header.codec != layout.codec_name or header.dtype != layout.dtype
+                or header.token_count != layout.block_tokens
+                or header.shapes.get("kv") != self._kv_shape(layout)):
+            raise ValueError(f"record does not fit this model/codec: {header}")
+        sizes = header.extra["sizes"]
+        if len(sizes) != layout.num_layers or sum(map(sum, sizes)) != len(payload):
+            raise ValueError("record sizes do not add up to its payload")
+        codec_of_layer = header.extra.get("codecs")  # noqa: F841  (kept for future per-layer codecs)
+        segments = []
+        offset = 0
+        for key_bytes, value_bytes in sizes:
+            keys = self._codec.from_bytes(payload[offset : offset + key_bytes], device=device)
+            offset += key_bytes
+            values = self._codec.from_bytes(payload[offset : offset + value_bytes], device=device)
+            offset += value_bytes
+            segments.append(Segment(keys, values, layout.block_tokens))
+        return segments
+
+    @staticmethod
+    def _kv_shape(layout: BlockLayout) -> list[int]:
+        return [layout.num_layers, layout.num_kv_heads, layout.block_tokens, layout.head_dim]
+
+    def _fallback(self, reason: str, error: Exception | None) -> None:
+        self.metrics.kvstore_errors.labels(reason=reason).inc()
+        if error is not None:
+            log.warning("kvstore %s, recomputing: %s", reason, error)
+
+    # -- write path --------------------------------------------------------------------------
+    def put_blocks(self, namespace: str, hashes: list[bytes], blocks: list[list[Segment]],
+                   codecs: list[KVCodec], layout: BlockLayout) -> None:
+        """Queue sealed blocks for storage; drops (and counts) what does not fit in the queue."""
+        for block_hash, segments in zip(hashes, blocks, strict=True):
+            try:
+                self._puts.put_nowait((namespace, block_hash, segments, codecs, layout))
+            except queue.Full:
+                self.metrics.kvstore_puts_dropped.inc()
+
+    def _write_loop(self) -> None:
+        from kvpack.kvstore.client import StoreError
+
+        while True:
+            job = self._puts.get()
+            if job is None:
+                return
+            namespace, block_hash, segments, codecs, layout = job
+            try:
+                data = self._encode_block(namespace, segments, codecs, layout)
+                self._timed("put", lambda: self.client.put(namespace, block_hash, data))
+                self.metrics.kvstore_put_blocks.inc()
+            except StoreError as error:
+                self._fallback("put_failed", error)
+
+    def _encode_block(self, namespace: str, segments: list[Segment], codecs: list[KVCodec],
+                      layout: BlockLayout) -> bytes:
+        parts: list[bytes] = []
+        sizes: list[list[int]] = []
+        for segment, codec in zip(segments, codecs, strict=True):
+            key_bytes = codec.to_bytes(segment.keys)
+            value_bytes = codec.to_bytes(segment.values)
+            parts += [key_bytes, value_bytes]
+            sizes.append([len(key_bytes), len(value_bytes)])
+        payload = b"".join(parts)
+        num_elements = 2 * layout.num_layers * layout.num_kv_heads * layout.block_tokens * layout.head_dim
+        header = record.RecordHeader.for_namespace(
+            namespace, codec=layout.codec_name, dtype=layout.dtype,
+            shapes={"kv": self._kv_shape(layout)},
+            bits_per_element=8 * len(payload) / num_elements, token_count=layout.block_tokens,
+            extra={"kind": RECORD_KIND, "model": layout.model_id,
+                   "fingerprint": layout.codec_fingerprint, "sizes": sizes})
+        return record.encode(header, payload)
+
+    def close(self) -> None:
+        self._puts.put(None)
+        self._writer.join(timeout=5)
+        self.client.close()
