@@ -102,7 +102,7 @@ class PrefixStore:
                 self._fallback("miss", None)
                 break
             try:
-                segments = self._decode_block(data, namespace, layout, device)
+                segments = self._decode_block(data, namespace, layout, cache, device)
             except (record.RecordError, ValueError, RuntimeError, KeyError) as error:
                 self._fallback("corrupt", error)
                 break
@@ -113,7 +113,7 @@ class PrefixStore:
         return loaded
 
     def _decode_block(self, data: bytes, namespace: str, layout: BlockLayout,
-                      device: Any) -> list[Segment]:
+                      cache: SequenceCache, device: Any) -> list[Segment]:
         header, payload = record.decode(data, namespace)
         expected = {"kind": RECORD_KIND, "model": layout.model_id,
                     "fingerprint": layout.codec_fingerprint}
@@ -125,13 +125,12 @@ class PrefixStore:
         sizes = header.extra["sizes"]
         if len(sizes) != layout.num_layers or sum(map(sum, sizes)) != len(payload):
             raise ValueError("record sizes do not add up to its payload")
-        codec_of_layer = header.extra.get("codecs")  # noqa: F841  (kept for future per-layer codecs)
         segments = []
         offset = 0
-        for key_bytes, value_bytes in sizes:
-            keys = self._codec.from_bytes(payload[offset : offset + key_bytes], device=device)
+        for (key_bytes, value_bytes), layer in zip(sizes, cache.layers, strict=True):
+            keys = layer.codec.from_bytes(payload[offset : offset + key_bytes], device=device)
             offset += key_bytes
-            values = self._codec.from_bytes(payload[offset : offset + value_bytes], device=device)
+            values = layer.codec.from_bytes(payload[offset : offset + value_bytes], device=device)
             offset += value_bytes
             segments.append(Segment(keys, values, layout.block_tokens))
         return segments
@@ -169,6 +168,9 @@ class PrefixStore:
                 self.metrics.kvstore_put_blocks.inc()
             except StoreError as error:
                 self._fallback("put_failed", error)
+            except Exception:  # a bug here must not kill the writer thread; it is logged
+                self.metrics.kvstore_errors.labels(reason="put_failed").inc()
+                log.exception("storing a block failed")
 
     def _encode_block(self, namespace: str, segments: list[Segment], codecs: list[KVCodec],
                       layout: BlockLayout) -> bytes:
