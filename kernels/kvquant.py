@@ -2,15 +2,16 @@
 
     codec = make_codec("kvquant", head_dim=64, calibration="smollm2.kvq.safetensors", bits=3,
                        outliers=0.01, sink_tokens=1).for_layer(i)
-    keys = codec.encode_keys(k_pre_rope, positions)    # k: [B, H_kv, T, D], positions: [T] or [B, T]
+    keys = codec.encode_keys(k_pre_rope)               # k: [B, H_kv, T, D]
     scores = codec.key_scores(q_post_rope, keys)       # RoPE applied to the keys inside the kernel
 
 Calibration is per layer, so a codec serves one layer: pass `layer=` or call `for_layer(i)`
-(copies share the loaded artifact). Per vector (one token of one KV head) the cache stores
-D*bits/8 bytes of codes and `ceil(outliers * D)` outlier slots of (index: 1 byte, delta: fp16);
-values add an fp16 scale and zero point; each token stores its int32 position per batch row; the
-first `sink_tokens` tokens are also kept exactly (fp16) and read from there. The per-channel key
-constants and codebooks live in the calibration artifact, shared by every sequence like weights.
+(copies share the loaded artifact). A token's RoPE position is its index in the cache (sequences
+start at position 0; `positions`, where given, must say so). Per vector (one token of one KV head)
+the cache stores D*bits/8 bytes of codes and `ceil(outliers * D)` outlier slots of (channel:
+1 byte, delta: fp16); values add an fp16 scale and zero point. The first `sink_tokens` tokens are
+also kept exactly (fp16) and read from there (the attention sink). Per-channel key constants and
+codebooks live in the calibration artifact, shared by every sequence like the weights.
 Research notes: research/kvquant.md.
 """
 
@@ -18,92 +19,54 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
-from dataclasses import dataclass, fields
+import json
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from kvpack.kernels import kvquant_reference as reference
 from kvpack.kernels.codec import KVCodec, register_codec, should_use_triton
+from kvpack.kernels.gqa import query_group
 from kvpack.kernels.kvquant_calibration import KVQuantCalibration
 
 
 @dataclass
-class KVQuantKeys:
-    """Packed pre-RoPE keys of one layer; tensors hold `capacity >= num_tokens` token slots."""
+class KVQuantCache:
+    """Packed keys or values of one layer for a batch of equal-length sequences.
 
-    codes: torch.Tensor  # uint8 [B, H, C, D*bits/8]
-    outlier_index: torch.Tensor  # uint8 [B, H, C, S] channel of each outlier slot
-    outlier_delta: torch.Tensor  # fp16 [B, H, C, S] k - dequantized dense k (0: unused slot)
-    positions: torch.Tensor  # int32 [B, C] RoPE position of each token
-    sink: torch.Tensor  # fp16 [B, H, num_sink, D] exact pre-RoPE keys of the first tokens
-    num_tokens: int
+    `fields` hold [B, H, capacity, ...] tensors whose first `num_tokens` token rows are used:
+    keys: codes uint8 [.., D*bits/8], outlier_index uint8 [.., S], outlier_delta fp16 [.., S];
+    values: the same plus scale and zero fp16 [B, H, capacity]. `sink` is fp16 [B, H, s, D] with
+    the exact (keys: pre-RoPE) vectors of tokens [0, s), s = min(sink_tokens, num_tokens).
+    """
 
-    def used(self) -> dict[str, torch.Tensor]:
-        """The stored tensors, trimmed to the tokens in use."""
-        n = self.num_tokens
-        return {
-            "codes": self.codes[:, :, :n],
-            "outlier_index": self.outlier_index[:, :, :n],
-            "outlier_delta": self.outlier_delta[:, :, :n],
-            "positions": self.positions[:, :n],
-            "sink": self.sink,
-        }
+    kind: str
+    fingerprint: str
+    fields: dict[str, torch.Tensor]
+    sink: torch.Tensor
+    num_tokens: int = 0
 
+    @property
+    def batch(self) -> int:
+        return self.sink.shape[0]
 
-@dataclass
-class KVQuantValues:
-    """Packed values of one layer; tensors hold `capacity >= num_tokens` token slots."""
+    @property
+    def num_heads(self) -> int:
+        return self.sink.shape[1]
 
-    codes: torch.Tensor  # uint8 [B, H, C, D*bits/8]
-    scale: torch.Tensor  # fp16 [B, H, C] per-token scale
-    zero: torch.Tensor  # fp16 [B, H, C] per-token zero point
-    outlier_index: torch.Tensor  # uint8 [B, H, C, S]
-    outlier_delta: torch.Tensor  # fp16 [B, H, C, S]
-    sink: torch.Tensor  # fp16 [B, H, num_sink, D]
-    num_tokens: int
+    @property
+    def capacity(self) -> int:
+        return self.fields["codes"].shape[2]
 
     def used(self) -> dict[str, torch.Tensor]:
-        n = self.num_tokens
-        return {
-            "codes": self.codes[:, :, :n],
-            "scale": self.scale[:, :, :n],
-            "zero": self.zero[:, :, :n],
-            "outlier_index": self.outlier_index[:, :, :n],
-            "outlier_delta": self.outlier_delta[:, :, :n],
-            "sink": self.sink,
-        }
-
-
-# The token axis of each appendable tensor: dim 2 ([B, H, T, ...]), except positions [B, T].
-_TOKEN_DIM = {"positions": 1}
-
-
-def _append(packed, new: dict[str, torch.Tensor], sink_new: torch.Tensor, sink_tokens: int):
-    """Write `new` (all tensors with the same number of new tokens) after packed.num_tokens,
-    doubling capacity when full, and fill the sink with the first tokens ever appended."""
-    start = packed.num_tokens
-    count = new["codes"].shape[2]
-    for name, value in new.items():
-        dim = _TOKEN_DIM.get(name, 2)
-        buffer = getattr(packed, name)
-        if start + count > buffer.shape[dim]:
-            shape = list(buffer.shape)
-            shape[dim] = max(2 * buffer.shape[dim], start + count)
-            grown = buffer.new_empty(shape)
-            grown.narrow(dim, 0, start).copy_(buffer.narrow(dim, 0, start))
-            setattr(packed, name, grown)
-            buffer = grown
-        buffer.narrow(dim, start, count).copy_(value)
-    missing = sink_tokens - packed.sink.shape[2]
-    if missing > 0:
-        packed.sink = torch.cat((packed.sink, sink_new[:, :, :missing].half()), dim=2)
-    packed.num_tokens = start + count
-    return packed
+        """The stored tensors, trimmed to the tokens held."""
+        return {name: t[:, :, : self.num_tokens] for name, t in self.fields.items()}
 
 
 @register_codec
@@ -122,15 +85,21 @@ class KVQuantCodec(KVCodec):
         sink_tokens: int = 1,
         layer: int | None = None,
         qnorm: bool = True,
+        model_id: str | None = None,
+        num_layers: int | None = None,
         use_triton: bool | None = None,
     ) -> None:
+        """Args beyond DESIGN.md's (calibration, bits, outliers, sink_tokens): `layer` binds the
+        codec to one layer; `qnorm` applies the calibrated Q-Norm to the codebooks; `model_id`
+        and `num_layers`, where given, must match the artifact (a clear error otherwise)."""
         super().__init__(head_dim=head_dim, use_triton=use_triton)
         if not isinstance(calibration, KVQuantCalibration):
             calibration = KVQuantCalibration.load(calibration)
         outliers = calibration.outliers if outliers is None else float(outliers)
         if not 0.0 <= outliers < 0.5:
             raise ValueError(f"outliers must be a fraction in [0, 0.5), got {outliers}")
-        calibration.check(head_dim=head_dim, bits=bits, outliers=outliers)
+        calibration.check(head_dim=head_dim, bits=bits, outliers=outliers, model_id=model_id,
+                          num_layers=num_layers)
         if sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
         reference.row_bytes(head_dim, bits)
@@ -139,8 +108,7 @@ class KVQuantCodec(KVCodec):
         self.outliers = outliers
         self.sink_tokens = int(sink_tokens)
         self.qnorm = bool(qnorm)
-        # Slots per vector: the outlier fraction rounded up, so 1% of 64 channels is 1 slot.
-        self.num_slots = math.ceil(outliers * head_dim - 1e-9) if outliers > 0 else 0
+        self.num_slots = reference.outlier_slots(outliers, head_dim)
         if self.num_slots >= head_dim:
             raise ValueError(f"outliers={outliers} leaves no dense channels at head_dim {head_dim}")
         self.index_dtype = torch.uint8 if head_dim <= 256 else torch.int16
@@ -170,7 +138,8 @@ class KVQuantCodec(KVCodec):
         bound._tables = {}
         return bound
 
-    def tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+    def tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """This layer's constants on `device`: key zero/scale, boundaries and luts, inv_freq."""
         if self.layer is None:
             if self.calibration.num_layers != 1:
                 raise ValueError("kvquant codecs are per layer: pass layer= or use for_layer(i)")
@@ -182,29 +151,69 @@ class KVQuantCodec(KVCodec):
             self._tables[device] = {name: t.to(device) for name, t in tables.items()}
         return self._tables[device]
 
-    def _check_kv(self, x: torch.Tensor, name: str) -> None:
-        expected_heads = self.calibration.num_kv_heads
-        if x.dim() != 4 or x.shape[1] != expected_heads or x.shape[-1] != self.head_dim:
+    # -- containers -------------------------------------------------------------------------
+    def _new(self, kind: str, batch: int, num_heads: int, device, capacity: int) -> KVQuantCache:
+        if num_heads != self.calibration.num_kv_heads:
             raise ValueError(
-                f"{name} must be [B, {expected_heads}, T, {self.head_dim}], got {tuple(x.shape)}"
+                f"num_heads={num_heads}, the calibration has {self.calibration.num_kv_heads} KV heads"
+            )
+        if batch <= 0 or capacity < 0:
+            raise ValueError(f"batch must be positive and capacity >= 0, got {batch}, {capacity}")
+        shape = (batch, num_heads, capacity)
+        fields = {"codes": torch.zeros(*shape, self.head_dim * self.bits // 8, dtype=torch.uint8,
+                                       device=device)}
+        if kind == "values":
+            fields["scale"] = torch.zeros(shape, dtype=torch.float16, device=device)
+            fields["zero"] = torch.zeros(shape, dtype=torch.float16, device=device)
+        fields["outlier_index"] = torch.zeros(*shape, self.num_slots, dtype=self.index_dtype,
+                                              device=device)
+        fields["outlier_delta"] = torch.zeros(*shape, self.num_slots, dtype=torch.float16,
+                                              device=device)
+        sink = torch.zeros(batch, num_heads, 0, self.head_dim, dtype=torch.float16, device=device)
+        return KVQuantCache(kind, self.fingerprint(), fields, sink)
+
+    def new_keys(self, batch, num_heads, *, dtype=None, device="cpu", capacity=0) -> KVQuantCache:
+        """An empty key cache with room for `capacity` tokens (`dtype` is not needed: the cache
+        stores codes and fp16 only)."""
+        return self._new("keys", batch, num_heads, device, capacity)
+
+    def new_values(self, batch, num_heads, *, dtype=None, device="cpu", capacity=0) -> KVQuantCache:
+        return self._new("values", batch, num_heads, device, capacity)
+
+    def reserve(self, packed: KVQuantCache, capacity: int) -> None:
+        if capacity <= packed.capacity:
+            return
+        for name, old in packed.fields.items():
+            new = old.new_zeros(*old.shape[:2], capacity, *old.shape[3:])
+            new[:, :, : packed.num_tokens] = old[:, :, : packed.num_tokens]
+            packed.fields[name] = new
+
+    def length(self, packed: KVQuantCache) -> int:
+        return packed.num_tokens
+
+    def _write(self, packed: KVQuantCache, new: dict[str, torch.Tensor], exact: torch.Tensor):
+        """Store freshly packed tokens after the held ones; `exact` feeds the sink."""
+        start, count = packed.num_tokens, new["codes"].shape[2]
+        if start + count > packed.capacity:
+            self.reserve(packed, max(start + count, 2 * packed.capacity))
+        for name, value in new.items():
+            packed.fields[name][:, :, start : start + count] = value
+        missing = min(self.sink_tokens, start + count) - packed.sink.shape[2]
+        if missing > 0:
+            packed.sink = torch.cat((packed.sink, exact[:, :, :missing].half()), dim=2)
+        packed.num_tokens = start + count
+        return packed
+
+    def _check_tokens(self, packed: KVQuantCache, x: torch.Tensor, name: str, kind: str) -> None:
+        if packed.kind != kind:
+            raise ValueError(f"{name} goes into a {kind} cache, got a {packed.kind} cache")
+        expected = (packed.batch, packed.num_heads, self.head_dim)
+        if x.dim() != 4 or (x.shape[0], x.shape[1], x.shape[3]) != expected:
+            raise ValueError(
+                f"{name} must be [B, H, T, D] with (B, H, D) = {expected}, got {tuple(x.shape)}"
             )
 
     # -- keys -------------------------------------------------------------------------------
-    def _positions(self, k: torch.Tensor, positions: torch.Tensor | None, first: torch.Tensor):
-        batch, _, num_tokens, _ = k.shape
-        if positions is None:
-            steps = torch.arange(num_tokens, device=k.device, dtype=torch.int32)
-            return (first[:, None] + steps[None, :]).to(torch.int32)
-        positions = torch.as_tensor(positions, device=k.device)
-        if positions.dim() == 1:
-            positions = positions[None].expand(batch, -1)
-        if positions.shape != (batch, num_tokens):
-            raise ValueError(
-                f"positions must be [T] or [B, T] = [{batch}, {num_tokens}], "
-                f"got {tuple(positions.shape)}"
-            )
-        return positions.to(torch.int32)
-
     def _quantize_keys(self, k: torch.Tensor):
         t = self.tables(k.device)
         args = (t["key_zero"], t["key_scale"], t["key_boundaries"], t["key_lut"], self.bits,
@@ -216,70 +225,66 @@ class KVQuantCodec(KVCodec):
         codes, index, delta = reference.quantize_keys(k, *args)
         return codes, index.to(self.index_dtype), delta
 
-    def encode_keys(self, k: torch.Tensor, positions: torch.Tensor | None = None) -> KVQuantKeys:
-        self._check_kv(k, "k")
-        batch, heads, _, _ = k.shape
-        empty = KVQuantKeys(
-            codes=k.new_empty(batch, heads, 0, self.head_dim * self.bits // 8, dtype=torch.uint8),
-            outlier_index=k.new_empty(batch, heads, 0, self.num_slots, dtype=self.index_dtype),
-            outlier_delta=k.new_empty(batch, heads, 0, self.num_slots, dtype=torch.float16),
-            positions=k.new_empty(batch, 0, dtype=torch.int32),
-            sink=k.new_empty(batch, heads, 0, self.head_dim, dtype=torch.float16),
-            num_tokens=0,
-        )
-        return self.append_keys(empty, k, positions)
+    def encode_keys(self, k: torch.Tensor, positions: torch.Tensor | None = None) -> KVQuantCache:
+        keys = self.new_keys(k.shape[0], k.shape[1], device=k.device, capacity=k.shape[2])
+        return self.append_keys(keys, k, positions)
 
     def append_keys(
-        self, keys: KVQuantKeys, k: torch.Tensor, positions: torch.Tensor | None = None
-    ) -> KVQuantKeys:
-        self._check_kv(k, "k")
-        if keys.num_tokens:
-            first = keys.positions[:, keys.num_tokens - 1] + 1
-        else:
-            first = torch.zeros(k.shape[0], dtype=torch.int32, device=k.device)
-        positions = self._positions(k, positions, first)
+        self, keys: KVQuantCache, k: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> KVQuantCache:
+        """Append pre-RoPE keys k [B, H, T, D]; `positions` ([T] or [B, T]), if given, must be the
+        cache indices of the new tokens, since the kernel derives RoPE positions from them."""
+        self._check_tokens(keys, k, "k", "keys")
+        if positions is not None:
+            expected = torch.arange(keys.num_tokens, keys.num_tokens + k.shape[2],
+                                    device=k.device)
+            positions = torch.as_tensor(positions, device=k.device)
+            if not bool((positions == expected).all()):
+                raise ValueError(
+                    f"positions must be the cache indices [{keys.num_tokens}, "
+                    f"{keys.num_tokens + k.shape[2]}) of the new keys (kvquant stores no positions)"
+                )
         codes, index, delta = self._quantize_keys(k)
-        new = {"codes": codes, "outlier_index": index, "outlier_delta": delta,
-               "positions": positions}
-        return _append(keys, new, k, self.sink_tokens)
+        new = {"codes": codes, "outlier_index": index, "outlier_delta": delta}
+        return self._write(keys, new, k)
 
-    def key_scores(self, q: torch.Tensor, keys: KVQuantKeys) -> torch.Tensor:
+    def key_scores(self, q: torch.Tensor, keys: KVQuantCache) -> torch.Tensor:
         """q [B, H_q, T_q, D] after RoPE -> float32 scores [B, H_q, T_q, T] (unscaled)."""
-        if q.dim() != 4 or q.shape[-1] != self.head_dim or q.shape[0] != keys.codes.shape[0]:
+        if q.dim() != 4 or q.shape[-1] != self.head_dim or q.shape[0] != keys.batch:
             raise ValueError(
-                f"q must be [{keys.codes.shape[0]}, H_q, T_q, {self.head_dim}], got {tuple(q.shape)}"
+                f"q must be [{keys.batch}, H_q, T_q, {self.head_dim}], got {tuple(q.shape)}"
             )
+        query_group(q.shape[1], keys.num_heads)
         t = self.tables(q.device)
         used = keys.used()
         num_sink = keys.sink.shape[2]
         out = torch.empty(*q.shape[:3], keys.num_tokens, dtype=torch.float32, device=q.device)
         scaling = self.calibration.attention_scaling
+        positions = torch.arange(keys.num_tokens, device=q.device)
         if num_sink:
-            sink = reference.apply_rope(keys.sink, used["positions"][:, :num_sink], t["inv_freq"],
-                                        scaling)
+            sink = reference.apply_rope(keys.sink, positions[:num_sink], t["inv_freq"], scaling)
             out[..., :num_sink] = reference.scores(q, sink)
         if should_use_triton(q, self.use_triton):
             from kvpack.kernels import kvquant_triton
 
             kvquant_triton.key_scores(
-                q, used["codes"], used["outlier_index"], used["outlier_delta"], used["positions"],
-                t["key_zero"], t["key_scale"], t["key_lut"], t["inv_freq"], scaling, self.bits,
+                q, used["codes"], used["outlier_index"], used["outlier_delta"], t["key_zero"],
+                t["key_scale"], t["key_lut"], t["inv_freq"], scaling, self.bits,
                 token_start=num_sink, out=out,
             )
         elif keys.num_tokens > num_sink:
+            rest = {name: x[:, :, num_sink:] for name, x in used.items()}
             dense = reference.dequantize_keys(
-                used["codes"][:, :, num_sink:], used["outlier_index"][:, :, num_sink:],
-                used["outlier_delta"][:, :, num_sink:], t["key_zero"], t["key_scale"],
-                t["key_lut"], self.bits, self.head_dim,
+                rest["codes"], rest["outlier_index"], rest["outlier_delta"], t["key_zero"],
+                t["key_scale"], t["key_lut"], self.bits, self.head_dim,
             )
-            rotated = reference.apply_rope(dense, used["positions"][:, num_sink:], t["inv_freq"],
-                                           scaling)
+            rotated = reference.apply_rope(dense, positions[num_sink:], t["inv_freq"], scaling)
             out[..., num_sink:] = reference.scores(q, rotated)
         return out
 
-    def dequantize_keys(self, keys: KVQuantKeys) -> torch.Tensor:
+    def dequantize_keys(self, keys: KVQuantCache) -> torch.Tensor:
         """Pre-RoPE float32 keys as the cache holds them (sink exact): for tests and fidelity."""
-        t = self.tables(keys.codes.device)
+        t = self.tables(keys.sink.device)
         used = keys.used()
         dense = reference.dequantize_keys(
             used["codes"], used["outlier_index"], used["outlier_delta"], t["key_zero"],
@@ -299,34 +304,24 @@ class KVQuantCodec(KVCodec):
         codes, scale, zero, index, delta = reference.quantize_values(v, *args)
         return codes, scale, zero, index.to(self.index_dtype), delta
 
-    def encode_values(self, v: torch.Tensor) -> KVQuantValues:
-        self._check_kv(v, "v")
-        batch, heads, _, _ = v.shape
-        empty = KVQuantValues(
-            codes=v.new_empty(batch, heads, 0, self.head_dim * self.bits // 8, dtype=torch.uint8),
-            scale=v.new_empty(batch, heads, 0, dtype=torch.float16),
-            zero=v.new_empty(batch, heads, 0, dtype=torch.float16),
-            outlier_index=v.new_empty(batch, heads, 0, self.num_slots, dtype=self.index_dtype),
-            outlier_delta=v.new_empty(batch, heads, 0, self.num_slots, dtype=torch.float16),
-            sink=v.new_empty(batch, heads, 0, self.head_dim, dtype=torch.float16),
-            num_tokens=0,
-        )
-        return self.append_values(empty, v)
+    def encode_values(self, v: torch.Tensor) -> KVQuantCache:
+        values = self.new_values(v.shape[0], v.shape[1], device=v.device, capacity=v.shape[2])
+        return self.append_values(values, v)
 
-    def append_values(self, values: KVQuantValues, v: torch.Tensor) -> KVQuantValues:
-        self._check_kv(v, "v")
+    def append_values(self, values: KVQuantCache, v: torch.Tensor) -> KVQuantCache:
+        self._check_tokens(values, v, "v", "values")
         codes, scale, zero, index, delta = self._quantize_values(v)
         new = {"codes": codes, "scale": scale, "zero": zero, "outlier_index": index,
                "outlier_delta": delta}
-        return _append(values, new, v, self.sink_tokens)
+        return self._write(values, new, v)
 
-    def attend_values(self, p: torch.Tensor, values: KVQuantValues) -> torch.Tensor:
+    def attend_values(self, p: torch.Tensor, values: KVQuantCache) -> torch.Tensor:
         """p [B, H_q, T_q, T] -> float32 [B, H_q, T_q, D] = p . v^ (sink tokens exact)."""
-        if p.dim() != 4 or p.shape[-1] != values.num_tokens or p.shape[0] != values.codes.shape[0]:
+        if p.dim() != 4 or p.shape[-1] != values.num_tokens or p.shape[0] != values.batch:
             raise ValueError(
-                f"p must be [{values.codes.shape[0]}, H_q, T_q, {values.num_tokens}], "
-                f"got {tuple(p.shape)}"
+                f"p must be [{values.batch}, H_q, T_q, {values.num_tokens}], got {tuple(p.shape)}"
             )
+        query_group(p.shape[1], values.num_heads)
         t = self.tables(p.device)
         used = values.used()
         num_sink = values.sink.shape[2]
@@ -338,18 +333,18 @@ class KVQuantCodec(KVCodec):
                 used["outlier_delta"], t["value_lut"], self.bits, token_start=num_sink,
             )
         else:
+            rest = {name: x[:, :, num_sink:] for name, x in used.items()}
             dense = reference.dequantize_values(
-                used["codes"][:, :, num_sink:], used["scale"][:, :, num_sink:],
-                used["zero"][:, :, num_sink:], used["outlier_index"][:, :, num_sink:],
-                used["outlier_delta"][:, :, num_sink:], t["value_lut"], self.bits, self.head_dim,
+                rest["codes"], rest["scale"], rest["zero"], rest["outlier_index"],
+                rest["outlier_delta"], t["value_lut"], self.bits, self.head_dim,
             )
             out = reference.attend(p[..., num_sink:], dense)
         if num_sink:
             out = out + reference.attend(p[..., :num_sink], values.sink)
         return out
 
-    def dequantize_values(self, values: KVQuantValues) -> torch.Tensor:
-        t = self.tables(values.codes.device)
+    def dequantize_values(self, values: KVQuantCache) -> torch.Tensor:
+        t = self.tables(values.sink.device)
         used = values.used()
         dense = reference.dequantize_values(
             used["codes"], used["scale"], used["zero"], used["outlier_index"],
@@ -359,24 +354,71 @@ class KVQuantCodec(KVCodec):
         return dense
 
     # -- storage ----------------------------------------------------------------------------
-    def nbytes(self, packed: KVQuantKeys | KVQuantValues) -> int:
-        return sum(t.numel() * t.element_size() for t in packed.used().values())
+    def nbytes(self, packed: KVQuantCache) -> int:
+        """Every byte held for the tokens in the cache: codes, outlier slots, per-token value
+        scale/zero, sink vectors (capacity not yet used and serialization headers excluded)."""
+        tensors = [*packed.used().values(), packed.sink]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
-    def to_bytes(self, packed: KVQuantKeys | KVQuantValues) -> bytes:
-        kind = "keys" if isinstance(packed, KVQuantKeys) else "values"
-        tensors = {name: t.contiguous().cpu() for name, t in packed.used().items()}
-        return safetensors_save(tensors, metadata={"kind": kind, "fingerprint": self.fingerprint()})
+    def block_to_bytes(self, packed: KVQuantCache, start: int, end: int) -> bytes:
+        """Tokens [start, end) (and the sink vectors among them) as a self-describing payload."""
+        if not 0 <= start < end <= packed.num_tokens:
+            raise ValueError(f"block [{start}, {end}) must lie in [0, {packed.num_tokens})")
+        tensors = {name: t[:, :, start:end] for name, t in packed.fields.items()}
+        tensors["sink"] = packed.sink[:, :, start:end]
+        metadata = {"kind": packed.kind, "fingerprint": self.fingerprint(), "start": str(start)}
+        return safetensors_save({n: t.contiguous().cpu() for n, t in tensors.items()}, metadata)
 
-    def from_bytes(self, data: bytes, device: torch.device | str = "cpu"):
-        tensors = safetensors_load(data)
-        kind = "keys" if "positions" in tensors else "values"
-        container = KVQuantKeys if kind == "keys" else KVQuantValues
-        names = {f.name for f in fields(container)} - {"num_tokens"}
-        if set(tensors) != names:
-            raise ValueError(f"kvquant payload has tensors {sorted(tensors)}, expected {sorted(names)}")
-        tensors = {name: t.to(device) for name, t in tensors.items()}
-        num_tokens = tensors["codes"].shape[2]
-        return container(**tensors, num_tokens=num_tokens)
+    def append_block(self, packed: KVQuantCache, data: bytes) -> KVQuantCache:
+        """Append a block made by `block_to_bytes` whose first token is the cache's next one."""
+        metadata, tensors = _read_payload(data)
+        if metadata.get("fingerprint") != self.fingerprint():
+            raise ValueError("kvquant payload was made by a codec with another fingerprint")
+        if metadata.get("kind") != packed.kind or set(tensors) != {*packed.fields, "sink"}:
+            raise ValueError(f"payload holds {metadata.get('kind')} {sorted(tensors)}, "
+                             f"the cache holds {packed.kind} {sorted(packed.fields)}")
+        if int(metadata.get("start", -1)) != packed.num_tokens:
+            raise ValueError(f"block starts at token {metadata.get('start')}, "
+                             f"the cache holds {packed.num_tokens} tokens")
+        device = packed.sink.device
+        new = {name: tensors[name].to(device) for name in packed.fields}
+        for name, value in new.items():
+            expected = packed.fields[name].shape
+            if value.shape[:2] != expected[:2] or value.shape[3:] != expected[3:]:
+                raise ValueError(f"payload {name} has shape {tuple(value.shape)}, "
+                                 f"the cache holds {tuple(expected)}")
+        sink = tensors["sink"].to(device)
+        start, count = packed.num_tokens, new["codes"].shape[2]
+        if start + count > packed.capacity:
+            self.reserve(packed, start + count)
+        for name, value in new.items():
+            packed.fields[name][:, :, start : start + count] = value
+        packed.sink = torch.cat((packed.sink, sink), dim=2)
+        packed.num_tokens = start + count
+        return packed
+
+    def to_bytes(self, packed: KVQuantCache) -> bytes:
+        return self.block_to_bytes(packed, 0, packed.num_tokens)
+
+    def from_bytes(self, data: bytes, device: torch.device | str = "cpu") -> KVQuantCache:
+        metadata, tensors = _read_payload(data)
+        kind = metadata.get("kind")
+        if kind not in ("keys", "values") or "codes" not in tensors:
+            raise ValueError("not a kvquant keys/values payload")
+        batch, heads = tensors["codes"].shape[:2]
+        packed = self._new(kind, batch, heads, device, tensors["codes"].shape[2])
+        return self.append_block(packed, data)
+
+
+def _read_payload(data: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors payload; safetensors.torch.load drops the metadata,
+    so it is read from the header (u64 little-endian length, then JSON)."""
+    try:
+        (header_len,) = struct.unpack_from("<Q", data)
+        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        return metadata, safetensors_load(data)
+    except (struct.error, ValueError, SafetensorError) as error:
+        raise ValueError(f"not a kvquant payload: {error}") from None
 
 
 def _digest(calibration: KVQuantCalibration) -> str:

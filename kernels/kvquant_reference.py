@@ -12,6 +12,7 @@ Quantization (research/kvquant.md §1.2-1.5):
   sorted codebook: encoding snaps to the raw centroids, decoding reads the corrected table.
 
 Packed row layout (one token of one KV head, D channels, b bits per code, exactly D*b/8 bytes):
+(each plane in the shared little-endian layout of `bitpack.py`)
 - b = 2: D/4 bytes, channel c in byte c // 4 at bit 2 * (c % 4);
 - b = 4: D/2 bytes, channel c in byte c // 2 at bit 4 * (c % 2);
 - b = 3: a 2-bit plane laid out as b = 2 (D/4 bytes), then a 1-bit plane (D/8 bytes, channel c in
@@ -21,7 +22,11 @@ Packed row layout (one token of one KV head, D channels, b bits per code, exactl
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from kvpack.kernels import bitpack
 
 SUPPORTED_BITS = (2, 3, 4)
 # Smallest per-token value scale: a constant vector must not divide by zero (KIVI's defect).
@@ -48,32 +53,23 @@ def _planes(bits: int) -> tuple[int, ...]:
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes: [..., D] integers in [0, 2**bits) -> uint8 [..., D * bits / 8]."""
-    head_dim = codes.shape[-1]
-    row_bytes(head_dim, bits)
+    row_bytes(codes.shape[-1], bits)
     codes = codes.to(torch.int32)
     planes, low_bit = [], 0
     for plane_bits in _planes(bits):
-        per_byte = 8 // plane_bits
-        plane = (codes >> low_bit) & ((1 << plane_bits) - 1)
-        grouped = plane.reshape(*codes.shape[:-1], head_dim // per_byte, per_byte)
-        shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * plane_bits
-        planes.append((grouped << shifts).sum(-1).to(torch.uint8))
+        planes.append(bitpack.pack_codes((codes >> low_bit) & ((1 << plane_bits) - 1), plane_bits))
         low_bit += plane_bits
     return torch.cat(planes, dim=-1)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
     """uint8 [..., D * bits / 8] -> int64 codes [..., D]."""
-    packed = packed.to(torch.int32)
     codes = torch.zeros(*packed.shape[:-1], head_dim, dtype=torch.int64, device=packed.device)
     offset, low_bit = 0, 0
     for plane_bits in _planes(bits):
-        per_byte = 8 // plane_bits
-        num_bytes = head_dim // per_byte
-        plane = packed[..., offset : offset + num_bytes]
-        shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * plane_bits
-        values = (plane[..., None] >> shifts) & ((1 << plane_bits) - 1)
-        codes |= values.reshape(*packed.shape[:-1], head_dim).to(torch.int64) << low_bit
+        num_bytes = bitpack.packed_bytes(head_dim, plane_bits)
+        plane = bitpack.unpack_codes(packed[..., offset : offset + num_bytes], plane_bits)
+        codes |= plane.to(torch.int64) << low_bit
         offset += num_bytes
         low_bit += plane_bits
     return codes
@@ -132,21 +128,35 @@ def quantize_keys(
     return pack_codes(codes, bits), index, delta.half()
 
 
-def quantize_values(
-    v: torch.Tensor, boundaries: torch.Tensor, lut: torch.Tensor, bits: int, num_slots: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Values, per token and online -> (codes, scale fp16, zero fp16, index, delta fp16).
+def outlier_slots(outliers: float, head_dim: int) -> int:
+    """Sparse slots per vector: the outlier fraction of head_dim rounded up (1% of 64 -> 1)."""
+    return math.ceil(outliers * head_dim - 1e-9) if outliers > 0 else 0
 
-    The `num_slots` elements farthest from the vector's mean are outliers; the dense range is
+
+def value_ranges(
+    x: torch.Tensor, num_slots: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token value outliers and dense range: x [..., D] float32 -> (index [..., num_slots],
+    zero fp16 [...], scale fp16 [...]).
+
+    The `num_slots` elements farthest from the vector's mean are outliers; zero/scale come from
     the min/max of the rest, so one extreme element does not stretch every other code.
     """
-    x = v.float()
     index, _ = select_top((x - x.mean(-1, keepdim=True)).abs(), num_slots)
     is_outlier = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, index, True)
     high = torch.where(is_outlier, -torch.inf, x).amax(-1)
     low = torch.where(is_outlier, torch.inf, x).amin(-1)
     zero = ((high + low) / 2).half()
     scale = ((high - low) / 2).clamp_min(MIN_VALUE_SCALE).half()
+    return index, zero, scale
+
+
+def quantize_values(
+    v: torch.Tensor, boundaries: torch.Tensor, lut: torch.Tensor, bits: int, num_slots: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Values, per token and online -> (codes, scale fp16, zero fp16, index, delta fp16)."""
+    x = v.float()
+    index, zero, scale = value_ranges(x, num_slots)
     zero_f, scale_f = zero.float()[..., None], scale.float()[..., None]
     codes = nearest_codes((x - zero_f) / scale_f, boundaries.float())
     dense = lut.float()[codes] * scale_f + zero_f
@@ -176,14 +186,14 @@ def dequantize_values(codes, scale, zero, index, delta, lut, bits, head_dim) -> 
 def rope_cos_sin(
     positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [B, T] -> cos, sin [B, 1, T, D] in float32, as HF's LlamaRotaryEmbedding."""
-    freqs = positions.float()[..., None] * inv_freq.float()
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    """positions [T] -> cos, sin [T, D] in float32, as HF's LlamaRotaryEmbedding."""
+    freqs = positions.float()[:, None] * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos() * attention_scaling, emb.sin() * attention_scaling
 
 
 def apply_rope(x, positions, inv_freq, attention_scaling: float) -> torch.Tensor:
-    """HF's rotate_half RoPE on x [B, H, T, D] at positions [B, T], in float32."""
+    """HF's rotate_half RoPE on x [B, H, T, D] at positions [T], in float32."""
     cos, sin = rope_cos_sin(positions, inv_freq, attention_scaling)
     x = x.float()
     half = x.shape[-1] // 2

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from kvpack.kernels.codec import triton_interpret_enabled
+from kvpack.kernels.gqa import query_group
 
 # --------------------------------------------------------------------------------------------
 # device helpers
@@ -211,7 +212,6 @@ def _kvquant_key_scores_kernel(
     Q_ptr, stride_qb, stride_qh, stride_qt,
     Codes_ptr, stride_cb, stride_ch, stride_ct,
     Index_ptr, Delta_ptr, stride_ob, stride_oh, stride_ot,
-    Pos_ptr, stride_pb,
     Zero_ptr, Scale_ptr, Lut_ptr, InvFreq_ptr,
     Out_ptr, stride_sb, stride_sh, stride_sq,
     num_kv_heads, num_query_tokens, group_size, token_start, num_tokens, attention_scaling,
@@ -235,7 +235,7 @@ def _kvquant_key_scores_kernel(
     tokens = token_start + pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = tokens < num_tokens
     freq = tl.arange(0, HALF)
-    positions = tl.load(Pos_ptr + batch * stride_pb + tokens, mask=mask_t, other=0).to(tl.float32)
+    positions = tokens.to(tl.float32)  # a token's RoPE position is its index in the cache
     inv_freq = tl.load(InvFreq_ptr + freq)
     angle = positions[:, None] * inv_freq[None, :]
     cos = tl.cos(angle) * attention_scaling
@@ -286,22 +286,13 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _group_size(x: torch.Tensor, name: str, num_kv_heads: int) -> int:
-    if x.dim() != 4 or x.shape[1] % num_kv_heads:
-        raise ValueError(
-            f"{name} must be [B, H_q, T_q, *] with H_q a multiple of the {num_kv_heads} KV heads, "
-            f"got {tuple(x.shape)}"
-        )
-    return x.shape[1] // num_kv_heads
-
-
-def key_scores(q, codes, index, delta, positions, zero, scale, lut, inv_freq, attention_scaling,
+def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_scaling,
                bits, token_start, out, block_t=None):
-    """Scores of post-RoPE q [B, H_q, T_q, D] against packed pre-RoPE keys, written into
-    out[..., token_start:T] (out: float32 [B, H_q, T_q, T], T = codes.shape[2])."""
+    """Scores of post-RoPE q [B, H_q, T_q, D] against packed pre-RoPE keys (token t at RoPE
+    position t), written into out[..., token_start:T] (out: float32 [B, H_q, T_q, T])."""
     batch, num_kv_heads, num_tokens, _ = codes.shape
     head_dim = q.shape[-1]
-    group_size = _group_size(q, "q", num_kv_heads)
+    group_size = query_group(q.shape[1], num_kv_heads)
     q = q if q.stride(-1) == 1 else q.contiguous()
     num_query_tokens = q.shape[2]
     rows = group_size * num_query_tokens
@@ -315,7 +306,6 @@ def key_scores(q, codes, index, delta, positions, zero, scale, lut, inv_freq, at
         q, q.stride(0), q.stride(1), q.stride(2),
         codes, codes.stride(0), codes.stride(1), codes.stride(2),
         index, delta, index.stride(0), index.stride(1), index.stride(2),
-        positions, positions.stride(0),
         zero, scale, lut, inv_freq,
         out, out.stride(0), out.stride(1), out.stride(2),
         num_kv_heads, num_query_tokens, group_size, token_start, num_tokens,
@@ -385,7 +375,7 @@ def attend_values(p, codes, scale, zero, index, delta, lut, bits, token_start,
     """sum_t p[..., t] v^_t over t in [token_start, T) -> float32 [B, H_q, T_q, D]."""
     batch, num_kv_heads, num_tokens, _ = codes.shape
     head_dim = codes.shape[-1] * 8 // bits
-    group_size = _group_size(p, "p", num_kv_heads)
+    group_size = query_group(p.shape[1], num_kv_heads)
     if p.shape[-1] != num_tokens:
         raise ValueError(f"p has {p.shape[-1]} keys, the cache holds {num_tokens} tokens")
     p = p if p.stride(-1) == 1 else p.contiguous()

@@ -16,6 +16,7 @@ from kvpack.common.flags import apply_env_defaults
 # subcommand -> (module with add_parser(subparsers), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "kvstore": ("kvpack.kvstore.cli", "the KV block store service"),
+    "calibrate": ("kvpack.calibrate.cli", "KVQuant calibration: write a model's codebooks"),
 }
 
 

@@ -1,0 +1,1 @@
+"""KVQuant offline calibration (`kvpack calibrate`)."""
