@@ -107,6 +107,25 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
+    print(markdown_table(result))
+
+
+def markdown_table(result: dict) -> str:
+    lines = [
+        f"Machine: {result['machine']}; Redis {result['redis_version']}, redis-py {result['redis_py']}"
+        f" (hiredis: {result['hiredis']}); median of {result['repeats']} sequential ops, MB/s.",
+        "",
+        "| block | raw SET | service Put (redis) | Put / raw | raw GET | service Get (redis) | Get / raw "
+        "| service Put (memory) | service Get (memory) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['block']} | {r['raw_redis_set_mb_s']:.0f} | {r['service_redis_put_mb_s']:.0f} | "
+            f"{r['put_vs_raw']:.2f}× | {r['raw_redis_get_mb_s']:.0f} | {r['service_redis_get_mb_s']:.0f} | "
+            f"{r['get_vs_raw']:.2f}× | {r['service_memory_put_mb_s']:.0f} | "
+            f"{r['service_memory_get_mb_s']:.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,14 @@ class RedisCluster:
         return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
 
     def start(self) -> RedisCluster:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()  # never leave half a cluster running
+            raise
+        return self
+
+    def _start(self) -> None:
         for node in self.nodes:
             node.start()
         cli = shutil.which("redis-cli")
@@ -114,7 +122,6 @@ class RedisCluster:
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         wait_for(lambda: all(n.client().cluster("info").get("cluster_state") == "ok"
                              for n in self.nodes), timeout_seconds=30)
-        return self
 
     def stop(self) -> None:
         for node in self.nodes:
