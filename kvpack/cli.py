@@ -17,6 +17,8 @@ from kvpack.common.flags import apply_env_defaults
 COMMANDS: dict[str, tuple[str, str]] = {
     "kvstore": ("kvpack.kvstore.cli", "the KV block store service"),
     "calibrate": ("kvpack.calibrate.cli", "KVQuant calibration: write a model's codebooks"),
+    "inference": ("kvpack.inference.cli", "the inference service"),
+    "generate": ("kvpack.inference.generate_cli", "stream a completion from an inference service"),
 }
 
 

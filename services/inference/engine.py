@@ -25,12 +25,13 @@ import torch
 
 from kvpack.inference.kv_cache import SequenceCache
 from kvpack.inference.loader import LoadedModel
-from kvpack.inference.methods import MethodSpec, build_layer_codecs
+from kvpack.inference.methods import PRE_ROPE_METHODS, MethodSpec, build_layer_codecs
 from kvpack.inference.metrics import InferenceMetrics
 from kvpack.inference.prefix_store import BlockLayout, PrefixStore, namespace_of
 from kvpack.inference.runner import ModelRunner
 from kvpack.inference.sampling import SamplingParams, make_generator, sample_next
 from kvpack.inference.text_stream import TextStream
+from kvpack.kernels.codec import KVCodec
 
 log = logging.getLogger("kvpack.inference.engine")
 
@@ -107,6 +108,7 @@ class _Sequence:
     layout: BlockLayout | None
     block_hashes: list[bytes]
     position: int = 0  # tokens already in the cache
+    next_block: int = 0  # first prompt block not yet queued for the store
     generated: list[int] = field(default_factory=list)
     first_token_at: float = 0.0
     last_token_at: float = 0.0
@@ -171,6 +173,7 @@ class Engine:
             Overloaded: the queue is full.
         """
         arrival = time.perf_counter()
+        runner = self.runner
         prompt = request.prompt_ids
         if not prompt:
             raise ValueError("prompt: empty")
@@ -182,27 +185,30 @@ class Engine:
                              f"{self.max_context_tokens - 1} prompt tokens")
         method = request.method or self.default_method
         codecs = self.codecs_for(method)
-        runner = self.runner
-        cache = SequenceCache(codecs, num_kv_heads=runner.num_kv_heads, head_dim=runner.head_dim,
-                              pre_rope_keys=getattr(codecs[0], "pre_rope_keys", False))
+        capacity = min(len(prompt) + request.sampling.max_new_tokens, self.max_context_tokens)
+
+        def new_cache() -> SequenceCache:
+            return SequenceCache(codecs, num_kv_heads=runner.num_kv_heads, head_dim=runner.head_dim,
+                                 dtype=runner.dtype, device=runner.device, capacity=capacity,
+                                 pre_rope_keys=method.name in PRE_ROPE_METHODS)
+
+        cache = new_cache()
         namespace = layout = None
         hashes: list[bytes] = []
         cached = 0
         if self.prefix_store is not None and request.reuse:
             namespace = namespace_of(self.loaded.model_id, codecs[0], request.tenant)
-            layout = BlockLayout(
-                model_id=self.loaded.model_id, codec_name=codecs[0].name,
-                codec_fingerprint=codecs[0].fingerprint(), dtype=str(runner.dtype),
-                num_layers=runner.num_layers, num_kv_heads=runner.num_kv_heads,
-                head_dim=runner.head_dim, block_tokens=self.prefix_store.block_tokens)
+            layout = self._layout(codecs[0])
             hashes = self.prefix_store.hashes(prompt)
-            cached = self.prefix_store.load_prefix(cache, prompt, namespace, layout, runner.device)
+            blocks = self.prefix_store.fetch_prefix(prompt, namespace, layout)
+            cache, cached = self._load_blocks(cache, new_cache, blocks)
         sequence = _Sequence(
             handle=RequestHandle(), request=request, method=method, cache=cache,
             generator=make_generator(request.sampling, runner.device),
             text=TextStream(self.loaded.tokenizer.decode, request.sampling.stop),
             arrival=arrival, cached_tokens=cached, namespace=namespace, layout=layout,
-            block_hashes=hashes, position=cached)
+            block_hashes=hashes, position=cached,
+            next_block=cached // self.prefix_store.block_tokens if self.prefix_store else 0)
         self.metrics.prompt_tokens.inc(len(prompt))
         try:
             self._queue.put_nowait(sequence)
@@ -210,6 +216,36 @@ class Engine:
             raise Overloaded(f"{self._queue.maxsize} requests already queued") from None
         self.metrics.queued_requests.set(self._queue.qsize())
         return sequence.handle
+
+    def _layout(self, codec: KVCodec) -> BlockLayout:
+        runner = self.runner
+        return BlockLayout(
+            model_id=self.loaded.model_id, codec_name=codec.name,
+            codec_fingerprint=codec.fingerprint(), dtype=str(runner.dtype),
+            num_layers=runner.num_layers, num_kv_heads=runner.num_kv_heads,
+            head_dim=runner.head_dim, block_tokens=self.prefix_store.block_tokens)
+
+    def _load_blocks(self, cache: SequenceCache, new_cache, blocks) -> tuple[SequenceCache, int]:
+        """Append fetched blocks to an empty cache; returns the cache and the tokens loaded.
+
+        A block the codec refuses midway leaves some layers longer than others, so the cache is
+        rebuilt from the blocks before it (which loaded fine) and the rest is recomputed.
+        """
+        for index, block in enumerate(blocks):
+            try:
+                for layer, (key_bytes, value_bytes) in zip(cache.layers, block, strict=True):
+                    layer.load_block(key_bytes, value_bytes)
+            except (ValueError, RuntimeError) as error:
+                self.prefix_store.count_fallback("corrupt", error)
+                cache = new_cache()
+                for good in blocks[:index]:
+                    for layer, (key_bytes, value_bytes) in zip(cache.layers, good, strict=True):
+                        layer.load_block(key_bytes, value_bytes)
+                blocks = blocks[:index]
+                break
+        loaded = len(blocks) * self.prefix_store.block_tokens
+        self.metrics.prefix_hit_tokens.inc(loaded)
+        return cache, loaded
 
     def close(self) -> None:
         self._stopping.set()
@@ -268,22 +304,25 @@ class Engine:
         prompt = sequence.request.prompt_ids
         start = sequence.position
         end = min(start + self.prefill_chunk_tokens, len(prompt))
-        block_tokens = self.prefix_store.block_tokens if sequence.namespace else 0
-        if block_tokens:  # stop at the next block boundary so the block can be sealed
-            end = min(end, (start // block_tokens + 1) * block_tokens)
         token_ids = torch.tensor(prompt[start:end], device=self.runner.device)
         logits = self.runner.prefill(sequence.cache, token_ids, start)
         sequence.position = end
-        if block_tokens and end % block_tokens == 0:
-            self._store_block(sequence, sequence.cache.seal())
+        self._store_new_blocks(sequence)
         if end == len(prompt):
             self._emit(sequence, logits)
 
-    def _store_block(self, sequence: _Sequence, segments) -> None:
-        index = sequence.position // self.prefix_store.block_tokens - 1
-        self.prefix_store.put_blocks(sequence.namespace, [sequence.block_hashes[index]], [segments],
-                                     [layer.codec for layer in sequence.cache.layers],
-                                     sequence.layout)
+    def _store_new_blocks(self, sequence: _Sequence) -> None:
+        """Queue every prompt block that is now entirely packed and not yet stored."""
+        if sequence.namespace is None or sequence.cache is None:
+            return
+        block_tokens = self.prefix_store.block_tokens
+        num_packed = sequence.cache.num_packed_tokens
+        while (sequence.next_block < len(sequence.block_hashes)
+               and (sequence.next_block + 1) * block_tokens <= num_packed):
+            self.prefix_store.put_block(
+                sequence.namespace, sequence.block_hashes[sequence.next_block],
+                sequence.cache.layers, sequence.next_block * block_tokens, sequence.layout)
+            sequence.next_block += 1
 
     def _decode_step(self, sequences: list[_Sequence]) -> None:
         device = self.runner.device
@@ -292,6 +331,8 @@ class Engine:
         logits = self.runner.decode([s.cache for s in sequences], token_ids, positions)
         for sequence, row in zip(sequences, logits, strict=True):
             sequence.position += 1
+            # prompt blocks still in the full-precision window get packed as decoding goes on
+            self._store_new_blocks(sequence)
             self._emit(sequence, row)
 
     def _emit(self, sequence: _Sequence, logits: torch.Tensor) -> None:

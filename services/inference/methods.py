@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
 from kvpack.kernels.codec import CODECS, KVCodec, make_codec
+
+# Codec modules register themselves on import; a method whose module is missing is unavailable.
+CODEC_MODULES = ("fp16", "kivi", "qjl", "kvquant")
+# Methods that store keys before RoPE and rotate them inside their score kernel.
+PRE_ROPE_METHODS = {"kvquant"}
 
 
 @dataclass(frozen=True)
@@ -24,33 +30,26 @@ class MethodSpec:
 
 
 def available_methods() -> list[str]:
-    _import_codecs()
-    return sorted(set(CODECS) | {"fp16"})
-
-
-def _import_codecs() -> None:
-    # Codecs register themselves when their modules are imported.
-    import kvpack.kernels  # noqa: F401
+    for module in CODEC_MODULES:
+        try:
+            importlib.import_module(f"kvpack.kernels.{module}")
+        except ImportError:
+            continue
+    return sorted(CODECS)
 
 
 def build_layer_codecs(spec: MethodSpec, *, num_layers: int, head_dim: int) -> list[KVCodec]:
-    """One codec per layer (the same object where the method has no per-layer state).
+    """One codec per layer (the same object unless the method is calibrated per layer).
 
     Raises:
-        ValueError: unknown method, or parameters the codec rejects (message names them).
+        ValueError: unknown method, or parameters the codec rejects (the message names them).
     """
-    _import_codecs()
-    params = dict(spec.params)
-    if spec.name == "fp16" and "fp16" not in CODECS:
-        from kvpack.inference.plain_codec import PlainCodec
-
-        if params:
-            raise ValueError(f"method fp16 takes no parameters, got {sorted(params)}")
-        return [PlainCodec(head_dim=head_dim)] * num_layers
-    if spec.name not in CODECS:
+    if spec.name not in available_methods():
         raise ValueError(f"unknown method {spec.name!r}; available: {', '.join(available_methods())}")
     try:
-        codec = make_codec(spec.name, head_dim=head_dim, **params)
+        codec = make_codec(spec.name, head_dim=head_dim, **dict(spec.params))
     except TypeError as error:  # an unexpected keyword argument
         raise ValueError(f"method {spec.name}: {error}") from None
+    if hasattr(codec, "for_layer"):
+        return [codec.for_layer(layer) for layer in range(num_layers)]
     return [codec] * num_layers

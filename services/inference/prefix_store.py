@@ -6,7 +6,7 @@ record (kvpack.common.record): for every layer, the packed keys then the packed 
 exactly as `codec.to_bytes` wrote them, with their sizes in the header.
 
 Every store failure (down, slow, a record that fails verification or does not fit this model and
-codec) degrades to recomputation: `load_prefix` stops at the first bad block and the caller computes
+codec) degrades to recomputation: `fetch_prefix` stops at the first bad block and the caller computes
 the rest. Puts run on a background thread behind a bounded queue, so they never delay a token.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from kvpack.common import record
 from kvpack.common.hashing import block_hashes
-from kvpack.inference.kv_cache import Segment, SequenceCache
+from kvpack.inference.kv_cache import LayerCache
 from kvpack.inference.metrics import InferenceMetrics
 from kvpack.kernels.codec import KVCodec
 
@@ -73,47 +73,44 @@ class PrefixStore:
             self.metrics.kvstore_request_seconds.labels(op=op).observe(time.perf_counter() - start)
 
     # -- read path ---------------------------------------------------------------------------
-    def load_prefix(self, cache: SequenceCache, token_ids: list[int], namespace: str,
-                    layout: BlockLayout, device: Any) -> int:
-        """Load the longest stored run of leading full blocks of `token_ids` into `cache`.
+    def fetch_prefix(self, token_ids: list[int], namespace: str,
+                     layout: BlockLayout) -> list[list[tuple[bytes, bytes]]]:
+        """Verified payloads of the longest stored run of leading full blocks of `token_ids`.
 
-        Only blocks that end before the last prompt token are asked for: that token must be
-        computed to get the logits of the first new token. Returns the number of tokens loaded.
+        Each block is, per layer, (key bytes, value bytes) for `append_block`. Only blocks that end
+        before the last prompt token are asked for: that token must be computed to get the
+        logits of the first new token.
         """
         from kvpack.kvstore.client import StoreError
 
         hashes = self.hashes(token_ids[:-1])
         self.metrics.prefix_query_tokens.inc(len(token_ids))
         if not hashes:
-            return 0
+            return []
         try:
             matched = self._timed("match", lambda: self.client.match(namespace, hashes))
         except StoreError as error:
-            self._fallback("unavailable", error)
-            return 0
-        loaded = 0
+            self.count_fallback("unavailable", error)
+            return []
+        blocks: list[list[tuple[bytes, bytes]]] = []
         for block_hash in hashes[:matched]:
             try:
                 data = self._timed("get", lambda h=block_hash: self.client.get(namespace, h))
             except StoreError as error:
-                self._fallback("unavailable", error)
+                self.count_fallback("unavailable", error)
                 break
             if data is None:  # evicted between Match and Get, or dropped as corrupt by the store
-                self._fallback("miss", None)
+                self.count_fallback("miss", None)
                 break
             try:
-                segments = self._decode_block(data, namespace, layout, cache, device)
-            except (record.RecordError, ValueError, RuntimeError, KeyError) as error:
-                self._fallback("corrupt", error)
+                blocks.append(self._split_block(data, namespace, layout))
+            except (record.RecordError, ValueError, KeyError, TypeError) as error:
+                self.count_fallback("corrupt", error)
                 break
-            for layer, segment in zip(cache.layers, segments, strict=True):
-                layer.add_sealed(segment.keys, segment.values, segment.num_tokens)
-            loaded += self.block_tokens
-        self.metrics.prefix_hit_tokens.inc(loaded)
-        return loaded
+        return blocks
 
-    def _decode_block(self, data: bytes, namespace: str, layout: BlockLayout,
-                      cache: SequenceCache, device: Any) -> list[Segment]:
+    def _split_block(self, data: bytes, namespace: str,
+                     layout: BlockLayout) -> list[tuple[bytes, bytes]]:
         header, payload = record.decode(data, namespace)
         expected = {"kind": RECORD_KIND, "model": layout.model_id,
                     "fingerprint": layout.codec_fingerprint}
@@ -125,34 +122,36 @@ class PrefixStore:
         sizes = header.extra["sizes"]
         if len(sizes) != layout.num_layers or sum(map(sum, sizes)) != len(payload):
             raise ValueError("record sizes do not add up to its payload")
-        segments = []
+        parts = []
         offset = 0
-        for (key_bytes, value_bytes), layer in zip(sizes, cache.layers, strict=True):
-            keys = layer.codec.from_bytes(payload[offset : offset + key_bytes], device=device)
-            offset += key_bytes
-            values = layer.codec.from_bytes(payload[offset : offset + value_bytes], device=device)
-            offset += value_bytes
-            segments.append(Segment(keys, values, layout.block_tokens))
-        return segments
+        for key_bytes, value_bytes in sizes:
+            middle = offset + key_bytes
+            parts.append((bytes(payload[offset:middle]), bytes(payload[middle : middle + value_bytes])))
+            offset = middle + value_bytes
+        return parts
 
     @staticmethod
     def _kv_shape(layout: BlockLayout) -> list[int]:
         return [layout.num_layers, layout.num_kv_heads, layout.block_tokens, layout.head_dim]
 
-    def _fallback(self, reason: str, error: Exception | None) -> None:
+    def count_fallback(self, reason: str, error: Exception | None) -> None:
+        """Count (and log) a store failure that we answer by recomputing."""
         self.metrics.kvstore_errors.labels(reason=reason).inc()
         if error is not None:
             log.warning("kvstore %s, recomputing: %s", reason, error)
 
     # -- write path --------------------------------------------------------------------------
-    def put_blocks(self, namespace: str, hashes: list[bytes], blocks: list[list[Segment]],
-                   codecs: list[KVCodec], layout: BlockLayout) -> None:
-        """Queue sealed blocks for storage; drops (and counts) what does not fit in the queue."""
-        for block_hash, segments in zip(hashes, blocks, strict=True):
-            try:
-                self._puts.put_nowait((namespace, block_hash, segments, codecs, layout))
-            except queue.Full:
-                self.metrics.kvstore_puts_dropped.inc()
+    def put_block(self, namespace: str, block_hash: bytes, layers: list[LayerCache], start: int,
+                  layout: BlockLayout) -> None:
+        """Queue tokens [start, start + block_tokens) of `layers` for storage.
+
+        The tokens must be in the packed region, whose rows never change again, so the writer
+        thread can serialize them while the sequence keeps growing. A full queue drops the block.
+        """
+        try:
+            self._puts.put_nowait((namespace, block_hash, layers, start, layout))
+        except queue.Full:
+            self.metrics.kvstore_puts_dropped.inc()
 
     def _write_loop(self) -> None:
         from kvpack.kvstore.client import StoreError
@@ -161,24 +160,23 @@ class PrefixStore:
             job = self._puts.get()
             if job is None:
                 return
-            namespace, block_hash, segments, codecs, layout = job
+            namespace, block_hash, layers, start, layout = job
             try:
-                data = self._encode_block(namespace, segments, codecs, layout)
+                data = self._encode_block(namespace, layers, start, layout)
                 self._timed("put", lambda: self.client.put(namespace, block_hash, data))
                 self.metrics.kvstore_put_blocks.inc()
             except StoreError as error:
-                self._fallback("put_failed", error)
+                self.count_fallback("put_failed", error)
             except Exception:  # a bug here must not kill the writer thread; it is logged
                 self.metrics.kvstore_errors.labels(reason="put_failed").inc()
                 log.exception("storing a block failed")
 
-    def _encode_block(self, namespace: str, segments: list[Segment], codecs: list[KVCodec],
+    def _encode_block(self, namespace: str, layers: list[LayerCache], start: int,
                       layout: BlockLayout) -> bytes:
         parts: list[bytes] = []
         sizes: list[list[int]] = []
-        for segment, codec in zip(segments, codecs, strict=True):
-            key_bytes = codec.to_bytes(segment.keys)
-            value_bytes = codec.to_bytes(segment.values)
+        for layer in layers:
+            key_bytes, value_bytes = layer.block_bytes(start, start + layout.block_tokens)
             parts += [key_bytes, value_bytes]
             sizes.append([len(key_bytes), len(value_bytes)])
         payload = b"".join(parts)
