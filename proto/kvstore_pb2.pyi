@@ -48,17 +48,27 @@ class GetRequest(_message.Message):
     block_hash: bytes
     def __init__(self, namespace: _Optional[str] = ..., block_hash: _Optional[bytes] = ...) -> None: ...
 
+class GetManyRequest(_message.Message):
+    __slots__ = ("namespace", "block_hashes")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, namespace: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class GetChunk(_message.Message):
-    __slots__ = ("found", "total_bytes", "offset", "data")
+    __slots__ = ("found", "total_bytes", "offset", "data", "index")
     FOUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     found: bool
     total_bytes: int
     offset: int
     data: bytes
-    def __init__(self, found: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    index: int
+    def __init__(self, found: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., index: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("namespace", "block_hash")

@@ -49,6 +49,11 @@ class KVStoreStub:
                 request_serializer=kvpack_dot_proto_dot_kvstore__pb2.GetRequest.SerializeToString,
                 response_deserializer=kvpack_dot_proto_dot_kvstore__pb2.GetChunk.FromString,
                 _registered_method=True)
+        self.GetMany = channel.unary_stream(
+                '/kvpack.v1.KVStore/GetMany',
+                request_serializer=kvpack_dot_proto_dot_kvstore__pb2.GetManyRequest.SerializeToString,
+                response_deserializer=kvpack_dot_proto_dot_kvstore__pb2.GetChunk.FromString,
+                _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/kvpack.v1.KVStore/Delete',
                 request_serializer=kvpack_dot_proto_dot_kvstore__pb2.DeleteRequest.SerializeToString,
@@ -86,6 +91,15 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMany(self, request, context):
+        """Several blocks in one call, in request order (each one's chunks carry its index); a missing or
+        corrupt block is a single found=false chunk and the stream goes on. Loads a whole prefix
+        without paying a call per block.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Delete(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -114,6 +128,11 @@ def add_KVStoreServicer_to_server(servicer, server):
             'Get': grpc.unary_stream_rpc_method_handler(
                     servicer.Get,
                     request_deserializer=kvpack_dot_proto_dot_kvstore__pb2.GetRequest.FromString,
+                    response_serializer=kvpack_dot_proto_dot_kvstore__pb2.GetChunk.SerializeToString,
+            ),
+            'GetMany': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetMany,
+                    request_deserializer=kvpack_dot_proto_dot_kvstore__pb2.GetManyRequest.FromString,
                     response_serializer=kvpack_dot_proto_dot_kvstore__pb2.GetChunk.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
@@ -207,6 +226,33 @@ class KVStore:
             target,
             '/kvpack.v1.KVStore/Get',
             kvpack_dot_proto_dot_kvstore__pb2.GetRequest.SerializeToString,
+            kvpack_dot_proto_dot_kvstore__pb2.GetChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvpack.v1.KVStore/GetMany',
+            kvpack_dot_proto_dot_kvstore__pb2.GetManyRequest.SerializeToString,
             kvpack_dot_proto_dot_kvstore__pb2.GetChunk.FromString,
             options,
             channel_credentials,

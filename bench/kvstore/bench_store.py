@@ -84,10 +84,14 @@ def main() -> None:
                         lambda i: client.put("bench", hashes[i], data), len(data), args.repeats)
                     row[f"service_{backend}_get_mb_s"] = median_mb_per_s(
                         lambda i: client.get("bench", hashes[i]), len(data), args.repeats)
+                    batch = hashes[: max(1, min(args.repeats, (256 << 20) // len(data)))]
+                    row[f"service_{backend}_get_many_mb_s"] = median_mb_per_s(
+                        lambda i: client.get_many("bench", batch), len(data) * len(batch), 5)
                     for block_hash in hashes:
                         client.delete("bench", block_hash)
             row["put_vs_raw"] = row["service_redis_put_mb_s"] / row["raw_redis_set_mb_s"]
             row["get_vs_raw"] = row["service_redis_get_mb_s"] / row["raw_redis_get_mb_s"]
+            row["get_many_vs_raw"] = row["service_redis_get_many_mb_s"] / row["raw_redis_get_mb_s"]
             rows.append(row)
             print(json.dumps(row), flush=True)
         redis_version = raw.info("server")["redis_version"]
@@ -116,15 +120,17 @@ def markdown_table(result: dict) -> str:
         f" (hiredis: {result['hiredis']}); median of {result['repeats']} sequential ops, MB/s.",
         "",
         "| block | raw SET | service Put (redis) | Put / raw | raw GET | service Get (redis) | Get / raw "
-        "| service Put (memory) | service Get (memory) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| service GetMany (redis) | GetMany / raw | service Put (memory) | service Get (memory) "
+        "| service GetMany (memory) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['block']} | {r['raw_redis_set_mb_s']:.0f} | {r['service_redis_put_mb_s']:.0f} | "
             f"{r['put_vs_raw']:.2f}× | {r['raw_redis_get_mb_s']:.0f} | {r['service_redis_get_mb_s']:.0f} | "
-            f"{r['get_vs_raw']:.2f}× | {r['service_memory_put_mb_s']:.0f} | "
-            f"{r['service_memory_get_mb_s']:.0f} |")
+            f"{r['get_vs_raw']:.2f}× | {r['service_redis_get_many_mb_s']:.0f} | "
+            f"{r['get_many_vs_raw']:.2f}× | {r['service_memory_put_mb_s']:.0f} | "
+            f"{r['service_memory_get_mb_s']:.0f} | {r['service_memory_get_many_mb_s']:.0f} |")
     return "\n".join(lines)
 
 

@@ -22,10 +22,10 @@ import grpc
 
 from kvpack.common import record
 from kvpack.common.grpc_server import CHANNEL_OPTIONS
+from kvpack.kvstore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_RECORD_BYTES
 from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
 
 T = TypeVar("T")
-DEFAULT_CHUNK_BYTES = 1024 * 1024
 _UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -74,14 +74,16 @@ class KVStoreClient:
 
     def get(self, namespace: str, block_hash: bytes) -> bytes | None:
         request = kvstore_pb2.GetRequest(namespace=namespace, block_hash=block_hash)
-        data = self._call(lambda: self._receive(request))
-        if data is None:
-            return None
-        try:
-            record.verify(data, namespace)
-        except record.RecordError:
-            return None
-        return data
+        blocks = self._call(lambda: self._receive(self._stub.Get, request, 1))
+        return _verified(blocks[0], namespace)
+
+    def get_many(self, namespace: str, hashes: list[bytes]) -> list[bytes | None]:
+        """Several blocks in one call, in order; None for each miss (or corrupt block)."""
+        if not hashes:
+            return []
+        request = kvstore_pb2.GetManyRequest(namespace=namespace, block_hashes=hashes)
+        blocks = self._call(lambda: self._receive(self._stub.GetMany, request, len(hashes)))
+        return [_verified(data, namespace) for data in blocks]
 
     def match(self, namespace: str, hashes: list[bytes]) -> int:
         request = kvstore_pb2.MatchRequest(namespace=namespace, block_hashes=hashes)
@@ -122,22 +124,28 @@ class KVStoreClient:
                 offset=offset,
                 data=bytes(view[offset : offset + self._chunk_bytes]))
 
-    def _receive(self, request: kvstore_pb2.GetRequest) -> bytes | None:
+    def _receive(self, method, request, count: int) -> list[bytes | None]:
+        """Reassemble the chunks of `count` blocks (in order, each announced by total_bytes)."""
+        blocks: list[bytes | None] = [None] * count
         parts: list[bytes] = []
-        total = None
-        # The deadline must cover the transfer, whose size we learn from the first chunk: allow
-        # the largest record a server accepts by default.
-        deadline = self._timeout + (256 << 20) / self._min_rate
-        for chunk in self._stub.Get(request, timeout=deadline, metadata=self._metadata):
+        expected = received = 0
+        # The deadline must cover the transfer, whose size is learnt only from the chunks: allow
+        # the largest record a server accepts by default, per block.
+        deadline = self._timeout + count * DEFAULT_MAX_RECORD_BYTES / self._min_rate
+        for chunk in method(request, timeout=deadline, metadata=self._metadata):
             if not chunk.found:
-                return None
-            if total is None:
-                total = chunk.total_bytes
+                continue
+            if chunk.offset == 0:
+                parts, expected, received = [], chunk.total_bytes, 0
+            if chunk.offset != received or chunk.index >= count:
+                raise StoreUnavailable(f"kvstore at {self.target}: malformed Get stream")
             parts.append(chunk.data)
-        data = b"".join(parts)
-        if total is None or len(data) != total:
+            received += len(chunk.data)
+            if received == expected:
+                blocks[chunk.index] = b"".join(parts)
+        if received != expected:
             raise StoreUnavailable(f"kvstore at {self.target}: Get stream ended early")
-        return data
+        return blocks
 
     def _call(self, attempt: Callable[[], T]) -> T:
         for attempt_index in range(self._retries + 1):
@@ -156,3 +164,14 @@ class KVStoreClient:
                     raise InvalidRequest(error.details()) from None
                 raise StoreError(f"kvstore at {self.target}: {code.name}: {error.details()}") from None
         raise AssertionError("unreachable")
+
+
+def _verified(data: bytes | None, namespace: str) -> bytes | None:
+    """Checked again after the transfer: nothing corrupted on the way is ever used."""
+    if data is None:
+        return None
+    try:
+        record.verify(data, namespace)
+    except record.RecordError:
+        return None
+    return data

@@ -10,7 +10,8 @@ from kvpack.common.grpc_server import GrpcServer
 from kvpack.common.metrics_http import MetricsEndpoint
 from kvpack.kvstore.backends import BackendUnavailable, open_backend
 from kvpack.kvstore.metrics import KVStoreMetrics
-from kvpack.kvstore.servicer import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_RECORD_BYTES, KVStoreServicer
+from kvpack.kvstore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_RECORD_BYTES
+from kvpack.kvstore.servicer import KVStoreServicer
 from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
 
 log = logging.getLogger("kvpack.kvstore")

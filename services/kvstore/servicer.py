@@ -16,12 +16,15 @@ from kvpack.common import record
 from kvpack.common.hashing import BLOCK_HASH_BYTES, namespace_fingerprint
 from kvpack.kvstore.backends import Backend, BackendUnavailable, RecordTooLarge, Usage, block_key
 from kvpack.kvstore.metrics import KVStoreMetrics
+from kvpack.kvstore.protocol import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_RECORD_BYTES,
+    MAX_HASHES_PER_CALL,
+)
 from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
 
-DEFAULT_CHUNK_BYTES = 1024 * 1024
-DEFAULT_MAX_RECORD_BYTES = 256 * 1024 * 1024
 MAX_NAMESPACE_CHARS = 512
-MAX_MATCH_HASHES = 65536
+OPS = ("match", "put", "get", "get_many", "delete", "stats")
 
 
 class _Abort(Exception):
@@ -64,11 +67,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     def Match(self, request, context):
         with self._request("match", context):
             fingerprint = _namespace(request.namespace)
-            if len(request.block_hashes) > MAX_MATCH_HASHES:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"block_hashes: at most {MAX_MATCH_HASHES} per call")
-            for index, block_hash in enumerate(request.block_hashes):
-                _check_hash(block_hash, f"block_hashes[{index}]")
+            _check_hashes(request.block_hashes)
             present = self.backend.exists([block_key(fingerprint, h) for h in request.block_hashes])
             matched = next((i for i, hit in enumerate(present) if not hit), len(present))
             self.metrics.match_query_blocks.inc(len(present))
@@ -90,29 +89,44 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             return kvstore_pb2.PutResponse(stored_bytes=len(data))
 
     def Get(self, request, context):
-        data = None
         with self._request("get", context):
             fingerprint = _namespace(request.namespace)
             _check_hash(request.block_hash, "block_hash")
-            key = block_key(fingerprint, request.block_hash)
-            data = self.backend.get(key)
-            if data is not None:
-                try:
-                    record.verify(data, request.namespace)
-                except record.RecordError:
-                    self.metrics.corrupt_blocks.inc()
-                    self.backend.delete(key)  # recomputed and re-put by the next writer
-                    data = None
-            (self.metrics.misses if data is None else self.metrics.hits).inc()
+            data = self._load(request.namespace, fingerprint, request.block_hash)
+            yield from self._send(data, index=0)
+
+    def GetMany(self, request, context):
+        with self._request("get_many", context):
+            fingerprint = _namespace(request.namespace)
+            _check_hashes(request.block_hashes)
+            for index, block_hash in enumerate(request.block_hashes):
+                data = self._load(request.namespace, fingerprint, block_hash)
+                yield from self._send(data, index)
+
+    def _load(self, namespace: str, fingerprint: bytes, block_hash: bytes) -> bytes | None:
+        """The verified record, or None (a miss). A record that fails verification is dropped."""
+        key = block_key(fingerprint, block_hash)
+        data = self.backend.get(key)
+        if data is not None:
+            try:
+                record.verify(data, namespace)
+            except record.RecordError:
+                self.metrics.corrupt_blocks.inc()
+                self.backend.delete(key)  # recomputed and re-put by the next writer
+                data = None
+        (self.metrics.misses if data is None else self.metrics.hits).inc()
+        return data
+
+    def _send(self, data: bytes | None, index: int) -> Iterator[kvstore_pb2.GetChunk]:
         if data is None:
-            yield kvstore_pb2.GetChunk(found=False)
+            yield kvstore_pb2.GetChunk(found=False, index=index)
             return
         self.metrics.get_bytes.inc(len(data))
         view = memoryview(data)
         for offset in range(0, len(view), self.chunk_bytes):
             yield kvstore_pb2.GetChunk(
                 found=True, total_bytes=len(view) if offset == 0 else 0, offset=offset,
-                data=bytes(view[offset : offset + self.chunk_bytes]))
+                data=bytes(view[offset : offset + self.chunk_bytes]), index=index)
 
     def Delete(self, request, context):
         with self._request("delete", context):
@@ -137,7 +151,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
                 misses=int(value("kvpack_kvstore_misses_total")),
                 corrupt_blocks=int(value("kvpack_kvstore_corrupt_blocks_total")),
                 backend_errors=int(sum(value("kvpack_kvstore_backend_errors_total", op=op)
-                                       for op in ("match", "put", "get", "delete", "stats"))),
+                                       for op in OPS)),
             )
 
     # -- helpers ------------------------------------------------------------------------------
@@ -189,6 +203,14 @@ def _namespace(namespace: str) -> bytes:
         raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                      f"namespace: longer than {MAX_NAMESPACE_CHARS} characters")
     return namespace_fingerprint(namespace)
+
+
+def _check_hashes(block_hashes) -> None:
+    if len(block_hashes) > MAX_HASHES_PER_CALL:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"block_hashes: at most {MAX_HASHES_PER_CALL} per call")
+    for index, block_hash in enumerate(block_hashes):
+        _check_hash(block_hash, f"block_hashes[{index}]")
 
 
 def _check_hash(block_hash: bytes, field: str) -> None:
