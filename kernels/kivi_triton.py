@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gqa import rows_per_kv_head
+from .queries_triton import prepare_queries
 from .quant_reference import EPS
 from .quant_triton import minmax_codes, pack_rows
 from .triton_common import next_power_of_2, num_programs_target, score_dot_dtype, triton_dtype
@@ -154,14 +154,6 @@ def _key_scores_kernel(
         )
 
 
-def normalized_query_rows(q: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, H_q, T_q, D] -> (rows [B * H_kv, M, D] / max|row|, max|row| [B * H_kv, M]), float32."""
-    rows = rows_per_kv_head(q, num_kv_heads).float()
-    q_max = rows.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    flat = (rows / q_max).reshape(-1, rows.shape[2], rows.shape[3]).contiguous()
-    return flat, q_max.reshape(-1, rows.shape[2]).contiguous()
-
-
 def score_launch_shape(
     num_groups: int, batch_heads: int, row_tiles: int, device: torch.device
 ) -> tuple[int, int]:
@@ -177,8 +169,9 @@ def key_scores(q, fields, num_tokens: int, out: torch.Tensor, bits: int, group_s
     codes, scale, zero = fields["codes"], fields["scale"], fields["zero"]
     batch, num_kv_heads, capacity, _ = codes.shape
     head_dim = scale.shape[-1]
-    rows, q_max = normalized_query_rows(q, num_kv_heads)
-    num_rows = rows.shape[1]
+    operand = score_dot_dtype(q.dtype)
+    prepared = prepare_queries(q, num_kv_heads)
+    num_rows = prepared["query"].shape[1]
     out_rows = out.view(batch, num_kv_heads, num_rows, num_tokens)
     block_m = max(16, min(64, next_power_of_2(num_rows)))
     row_tiles = triton.cdiv(num_rows, block_m)
@@ -187,8 +180,8 @@ def key_scores(q, fields, num_tokens: int, out: torch.Tensor, bits: int, group_s
         num_groups, batch * num_kv_heads, row_tiles, q.device
     )
     _key_scores_kernel[(programs, batch * num_kv_heads, row_tiles)](
-        rows, q_max, codes, scale, zero, out_rows,
+        prepared["query"], prepared["query_max"], codes, scale, zero, out_rows,
         num_groups, groups_per_program, num_rows, capacity, *out_rows.stride(),
         H_KV=num_kv_heads, HEAD_DIM=head_dim, D_PAD=next_power_of_2(head_dim), GROUP=group_size,
-        BITS=bits, BLOCK_M=block_m, DOT_DTYPE=score_dot_dtype(q.dtype),
+        BITS=bits, BLOCK_M=block_m, DOT_DTYPE=operand,
     )  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import triton.language as tl
 
 from . import qjl_reference, qjl_triton
 from .cache import FieldSpec
@@ -21,6 +22,7 @@ from .codec import register_codec
 from .kivi import check_token_group, check_window
 from .packed_codec import KeyFormat, PackedKVCodec
 from .qjl_sketch import make_sketches, rounded
+from .queries_triton import sketch_rows_plane_major
 from .triton_common import score_dot_dtype
 from .values import PerTokenValues, default_channel_group
 
@@ -125,16 +127,20 @@ class QjlKeys(KeyFormat):
                 )
             )
             return
-        operand = (
-            torch.float32 if score_dot_dtype(q.dtype).primitive_bitwidth == 32 else torch.float16
-        )
+        operand = torch.float32 if score_dot_dtype(q.dtype) == tl.float32 else torch.float16
+        key = ("query rows", key_dtype, q.device)
+        if key not in self._prepared:
+            self._prepared[key] = sketch_rows_plane_major(
+                sketch, qjl_triton.bytes_pad(self.sketch_dim // 8)
+            )
         qjl_triton.key_scores(
             q,
             fields,
             num_tokens,
             out,
-            sketch,
+            self._prepared[key],
             self._planes("outlier", outlier_sketch, operand),
+            self.sketch_dim,
             self.num_outliers,
             self.group_size,
         )

@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .gqa import rows_per_kv_head
 from .kivi_triton import score_launch_shape
 from .qjl_reference import SQRT_HALF_PI
+from .queries_triton import prepare_queries
 from .triton_common import (
     dot_dtype,
     next_power_of_2,
@@ -29,9 +29,6 @@ from .triton_common import (
     score_dot_dtype,
     triton_dtype,
 )
-
-_TINY = torch.finfo(torch.float32).tiny
-
 
 def bytes_pad(num_bytes: int) -> int:
     """Padded byte count of a plane: a power of two, at least 16 (the smallest tl.dot dimension)."""
@@ -191,7 +188,7 @@ def quantize_keys(
         NBO=max(1, outlier_sketch_dim // 8), NBO_PAD=bytes_pad(outlier_sketch_dim // 8),
         NOUT=num_outliers, NOUT_PAD=max(16, next_power_of_2(num_outliers)), GROUP=group_size,
         DOT_DTYPE=operand, NORM_DTYPE=triton_dtype(x.dtype),
-        PRECISION="ieee" if operand == tl.float32 else "tf32",
+        PRECISION="ieee" if operand == tl.float32 else None,
     )  # fmt: skip
     return fields
 
@@ -306,35 +303,22 @@ def _key_scores_kernel(
 
 
 def key_scores(
-    q, fields, num_tokens, out, sketch, outlier_sketch_planes, num_outliers, group_size
+    q, fields, num_tokens, out, sketch_rows, outlier_sketch_planes, sketch_dim, num_outliers, group_size
 ) -> None:
     """Scores of q [B, H_q, T_q, D] against the first num_tokens packed keys, written into
     out [B, H_q, T_q, num_tokens] (float32 view, unit stride on its last axis).
 
-    sketch: the inlier sketch [m, D] float32 (rounded to the keys' dtype); outlier_sketch_planes:
-    `plane_major` of the rounded outlier sketch in the score dot dtype.
+    sketch_rows: `queries_triton.sketch_rows_plane_major` of the inlier sketch (rounded to the keys'
+    dtype); outlier_sketch_planes: `plane_major` of the rounded outlier sketch in the score operand
+    dtype (`score_dot_dtype(q.dtype)`).
     """
     signs = fields["signs"]
     batch, num_kv_heads, capacity, num_bytes = signs.shape
-    sketch_dim, head_dim = sketch.shape
-    operand_dtype = score_dot_dtype(q.dtype)
-    torch_operand = {tl.float16: torch.float16, tl.float32: torch.float32}[operand_dtype]
-    rows = rows_per_kv_head(q, num_kv_heads).float()
-    num_rows = rows.shape[2]
-    query_sketch = torch.matmul(rows, sketch.T)
-    sketch_max = query_sketch.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)
-    planes = (
-        (query_sketch / sketch_max)
-        .reshape(batch, num_kv_heads, num_rows, num_bytes, 8)
-        .transpose(-1, -2)
-    )
-    query_planes = torch.zeros(
-        batch, num_kv_heads, num_rows, 8, bytes_pad(num_bytes), dtype=torch_operand, device=q.device
-    )
-    query_planes[..., :num_bytes] = planes
-    sketch_sum = query_planes.float().sum(dim=(-1, -2))  # of the rounded operands the dots see
-    query_max = rows.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)
-    query = (rows / query_max).contiguous()
+    head_dim = q.shape[-1]
+    operand = score_dot_dtype(q.dtype)
+    torch_operand = torch.float32 if operand == tl.float32 else torch.float16
+    prepared = prepare_queries(q, num_kv_heads, sketch_rows, torch_operand)
+    num_rows = prepared["query"].shape[1]
     out_rows = out.view(batch, num_kv_heads, num_rows, num_tokens)
     block_m = max(16, min(64, next_power_of_2(num_rows)))
     row_tiles = triton.cdiv(num_rows, block_m)
@@ -344,13 +328,14 @@ def key_scores(
     )
     outlier_sketch_dim = 8 * fields["outlier_signs"].shape[-1] if num_outliers else 0
     _key_scores_kernel[(programs, batch * num_kv_heads, row_tiles)](
-        query_planes, sketch_sum, sketch_max, query, query_max, outlier_sketch_planes,
-        signs, fields["norm"], fields.get("outlier_signs", signs), fields.get("outlier_norm", fields["norm"]),
-        fields.get("outlier_index", signs), out_rows,
+        prepared["planes"], prepared["sketch_sum"], prepared["sketch_max"],
+        prepared["query"], prepared["query_max"], outlier_sketch_planes,
+        signs, fields["norm"], fields.get("outlier_signs", signs),
+        fields.get("outlier_norm", fields["norm"]), fields.get("outlier_index", signs), out_rows,
         num_groups, groups_per_program, num_rows, capacity, *out_rows.stride(),
         SQRT_HALF_PI / sketch_dim, SQRT_HALF_PI / max(1, outlier_sketch_dim),
         H_KV=num_kv_heads, HEAD_DIM=head_dim, NB=num_bytes, NB_PAD=bytes_pad(num_bytes),
         NBO=max(1, outlier_sketch_dim // 8), NBO_PAD=bytes_pad(outlier_sketch_dim // 8),
         NOUT=num_outliers, NOUT_PAD=max(16, next_power_of_2(num_outliers)), GROUP=group_size,
-        BLOCK_M=block_m, DOT_DTYPE=operand_dtype,
+        BLOCK_M=block_m, DOT_DTYPE=operand,
     )  # fmt: skip

@@ -37,13 +37,16 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Programs per multiprocessor that the split launches aim for; the benchmark sweeps it.
+PROGRAMS_PER_SM = 4
+
+
 def num_programs_target(device: torch.device) -> int:
     """How many programs keep the device busy (a few per multiprocessor; 4 under the interpreter)."""
     if device.type != "cuda":
         return 4
-    return 4 * _multiprocessors(
-        device.index if device.index is not None else torch.cuda.current_device()
-    )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return PROGRAMS_PER_SM * _multiprocessors(index)
 
 
 def score_dot_dtype(dtype: torch.dtype):
