@@ -14,13 +14,17 @@ def default_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
 def random_calibration(
     *, num_layers: int = 2, num_kv_heads: int = 2, head_dim: int = 64, bits=(2, 3, 4),
     outliers: float = 0.01, inv_freq: torch.Tensor | None = None, attention_scaling: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, uniform_codebooks: bool = False,
 ) -> KVQuantCalibration:
-    """Plausible constants: sorted codebooks inside [-1, 1], Q-Norm near identity."""
+    """Plausible constants: sorted random codebooks inside [-1, 1] (or evenly spaced ones, for
+    tests that judge quantization error), Q-Norm near identity."""
     g = generator or torch.Generator().manual_seed(0)
     shape = (num_layers, num_kv_heads, head_dim)
 
     def codebooks() -> dict[int, torch.Tensor]:
+        if uniform_codebooks:
+            return {b: torch.linspace(-1, 1, (1 << b) + 1)[:-1].add(1 / (1 << b))
+                    .expand(num_layers, -1).clone() for b in bits}
         return {b: (torch.rand(num_layers, 1 << b, generator=g) * 2 - 1).sort(-1).values
                 for b in bits}
 
