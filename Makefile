@@ -5,7 +5,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SMOLLM2 := $(HOME)/.cache/kvpack/models/SmolLM2-135M-Instruct.Q4_1.gguf
 # torch is pinned to the CPU build that CI machines carry; a GPU machine brings its own.
 TORCH ?= torch==2.13.0
 
@@ -23,8 +22,8 @@ setup: system-deps $(BIN)/kvpack
 system-deps:
 	bash scripts/install-system-deps.sh
 
-models: system-deps
-	bash scripts/fetch-smollm2.sh
+models: setup
+	$(BIN)/python -m kvpack.models
 
 proto: setup
 	$(BIN)/python -m kvpack.proto.generate
@@ -36,10 +35,10 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: setup models proto-check
-	KVPACK_SMOLLM2_GGUF=$(SMOLLM2) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -ra
+	KVPACK_SMOLLM2_GGUF=$$($(BIN)/python -m kvpack.models) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -ra
 
 up: setup
-	$(BIN)/kvpack kvstore serve
+	$(BIN)/kvpack up
 
 clean:
 	rm -rf $(VENV) .pytest_cache
