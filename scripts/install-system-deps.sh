@@ -4,7 +4,8 @@ set -euo pipefail
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
-command -v unzip >/dev/null || need+=(unzip)
+command -v prometheus >/dev/null || need+=(prometheus)       # the end-to-end test scrapes with it
+command -v docker-compose >/dev/null || need+=(docker-compose)  # validates deploy/compose without an engine
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
@@ -13,4 +14,5 @@ sudo=""
 echo "installing Debian packages: ${need[*]}"
 $sudo apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
-# The Debian package starts a redis-server on 6379 as a service; kvpack never relies on it.
+# The Debian packages may start redis-server/prometheus services on their default ports; kvpack's
+# tests never rely on them (fixtures start their own on free ports).
