@@ -7,6 +7,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kvpack.kvstore.backends import Backend, BackendUnavailable
 
+OPS = ("match", "put", "get", "get_many", "delete", "stats")
+
 # 100 us .. 10 s: a Match on the memory backend up to a 64 MiB put over a slow link.
 LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -37,6 +39,8 @@ class KVStoreMetrics:
         self.get_bytes = Counter("kvpack_kvstore_get_bytes", "Record bytes returned by Get", registry=r)
         self.backend_up = Gauge(
             "kvpack_kvstore_backend_up", "1 when the backend answered its last health check", registry=r)
+        for op in OPS:  # export zeros from the start, so dashboards and alerts see the series
+            self.backend_errors.labels(op)
         r.register(_UsageCollector(backend))
 
     def value(self, name: str, **labels: str) -> float:

@@ -15,7 +15,7 @@ import grpc
 from kvpack.common import record
 from kvpack.common.hashing import BLOCK_HASH_BYTES, namespace_fingerprint
 from kvpack.kvstore.backends import Backend, BackendUnavailable, RecordTooLarge, Usage, block_key
-from kvpack.kvstore.metrics import KVStoreMetrics
+from kvpack.kvstore.metrics import OPS, KVStoreMetrics
 from kvpack.kvstore.protocol import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_RECORD_BYTES,
@@ -24,7 +24,6 @@ from kvpack.kvstore.protocol import (
 from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
 
 MAX_NAMESPACE_CHARS = 512
-OPS = ("match", "put", "get", "get_many", "delete", "stats")
 
 
 class _Abort(Exception):
