@@ -256,6 +256,8 @@ class Engine:
         while not self._stopping.is_set():
             self._active = [s for s in self._active if not self._dropped_if_cancelled(s)]
             self._admit()
+            self.metrics.active_requests.set(len(self._active))
+            self.metrics.kv_cache_bytes.set(sum(s.cache.nbytes() for s in self._active))
             if not self._active:
                 continue
             prefilling = [s for s in self._active if s.position < len(s.request.prompt_ids)]
@@ -264,8 +266,6 @@ class Engine:
                 self._guarded([sequence], self._prefill_chunk)
             if decoding:
                 self._guarded(decoding, self._decode_step)
-            self.metrics.active_requests.set(len(self._active))
-            self.metrics.kv_cache_bytes.set(sum(s.cache.nbytes() for s in self._active))
         for sequence in self._active:
             sequence.handle.events.put(RuntimeError("server shutting down"))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from kvpack.common.grpc_server import CHANNEL_OPTIONS
 
@@ -23,6 +24,22 @@ def stories(shared_data: Path):
     from kvpack.inference.loader import load_model
 
     return load_model(str(shared_data / "models" / "stories260K"))
+
+
+@pytest.fixture(scope="session")
+def tiny16(stories):
+    """A random-weight Llama (GQA 4:2, head_dim 16: the smallest the compressed codecs take) with
+    the stories260K tokenizer; kivi/qjl/kvquant need head_dim >= 16, stories260K has 8."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvpack.inference.loader import LoadedModel
+
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    return LoadedModel(model, stories.tokenizer, "tiny16-seed0", torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="session")
