@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -48,7 +49,7 @@ class Unauthenticated(StoreError, PermissionError):
 class KVStoreClient:
     def __init__(self, target: str, *, token: str | None = None, timeout_seconds: float = 5.0,
                  retries: int = 2, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 min_bytes_per_second: float = 50e6) -> None:
+                 min_bytes_per_second: float = 50e6, streams: int = 1) -> None:
         """
         Args:
             target: HOST:PORT of a kvstore.
@@ -56,15 +57,24 @@ class KVStoreClient:
             timeout_seconds: deadline of one attempt (puts and gets get extra time for their size,
                 at `min_bytes_per_second`).
             retries: extra attempts after UNAVAILABLE / deadline exceeded.
+            streams: connections `get_many` spreads a large prefix over, in parallel (one
+                connection moves at most a few hundred MB/s through Python's gRPC).
         """
+        if streams < 1:
+            raise ValueError(f"streams must be at least 1, got {streams}")
         self.target = target
         self._timeout = timeout_seconds
         self._retries = retries
         self._chunk_bytes = chunk_bytes
         self._min_rate = min_bytes_per_second
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
+        # A local subchannel pool per channel gives each its own TCP connection.
+        self._channels = [grpc.insecure_channel(
+            target, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(streams)]
+        self._stubs = [kvstore_pb2_grpc.KVStoreStub(channel) for channel in self._channels]
+        self._stub = self._stubs[0]
+        self._pool = ThreadPoolExecutor(streams, thread_name_prefix="kvstore-get") if streams > 1 else None
 
     # -- API ---------------------------------------------------------------------------------
     def put(self, namespace: str, block_hash: bytes, data: bytes) -> None:
@@ -81,9 +91,18 @@ class KVStoreClient:
         """Several blocks in one call, in order; None for each miss (or corrupt block)."""
         if not hashes:
             return []
-        request = kvstore_pb2.GetManyRequest(namespace=namespace, block_hashes=hashes)
-        blocks = self._call(lambda: self._receive(self._stub.GetMany, request, len(hashes)))
+        groups = _split(hashes, len(self._stubs))
+        if len(groups) == 1:
+            blocks = self._get_group(self._stub, namespace, hashes)
+        else:
+            futures = [self._pool.submit(self._get_group, stub, namespace, group)
+                       for stub, group in zip(self._stubs, groups)]
+            blocks = [block for future in futures for block in future.result()]
         return [_verified(data, namespace) for data in blocks]
+
+    def _get_group(self, stub, namespace: str, hashes: list[bytes]) -> list[bytes | None]:
+        request = kvstore_pb2.GetManyRequest(namespace=namespace, block_hashes=hashes)
+        return self._call(lambda: self._receive(stub.GetMany, request, len(hashes)))
 
     def match(self, namespace: str, hashes: list[bytes]) -> int:
         request = kvstore_pb2.MatchRequest(namespace=namespace, block_hashes=hashes)
@@ -101,7 +120,10 @@ class KVStoreClient:
         return {field.name: getattr(response, field.name) for field in response.DESCRIPTOR.fields}
 
     def close(self) -> None:
-        self._channel.close()
+        if self._pool:
+            self._pool.shutdown(wait=True)
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> KVStoreClient:
         return self
@@ -164,6 +186,18 @@ class KVStoreClient:
                     raise InvalidRequest(error.details()) from None
                 raise StoreError(f"kvstore at {self.target}: {code.name}: {error.details()}") from None
         raise AssertionError("unreachable")
+
+
+def _split(items: list, parts: int) -> list[list]:
+    """At most `parts` contiguous groups of near-equal size, in order."""
+    parts = min(parts, len(items))
+    size, extra = divmod(len(items), parts)
+    groups, start = [], 0
+    for index in range(parts):
+        end = start + size + (index < extra)
+        groups.append(items[start:end])
+        start = end
+    return groups
 
 
 def _verified(data: bytes | None, namespace: str) -> bytes | None:

@@ -154,10 +154,11 @@ def test_metrics_endpoint_reports_requests_and_usage(kvstore_factory):
     assert samples["kvpack_kvstore_backend_up"] == 1
 
 
-def test_get_many_returns_blocks_in_order_with_misses(store):
+@pytest.mark.parametrize("streams", [1, 3])
+def test_get_many_returns_blocks_in_order_with_misses(store, streams):
     hashes = chain(5)
     records = {i: random_record("ns", 5_000_000 if i == 1 else 100 + i) for i in (0, 1, 3)}
-    with KVStoreClient(store.address, chunk_bytes=1 << 20) as client:
+    with KVStoreClient(store.address, chunk_bytes=1 << 20, streams=streams) as client:
         for index, data in records.items():
             client.put("ns", hashes[index], data)
         assert client.get_many("ns", hashes) == [records.get(i) for i in range(5)]
