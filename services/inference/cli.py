@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
 
 from kvpack.common.flags import host_port, non_negative_int
+from kvpack.common.lifecycle import serve_until_signalled
 from kvpack.inference.generate_cli import positive_int
 
 # Codec parameters exposed as flags of `inference serve`: dest -> (codec parameter, type, methods).
@@ -99,10 +98,5 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"inference: gRPC on {server.address}, model {server.loaded.model_id}, "
           f"method {args.method}, metrics on http://0.0.0.0:{server.metrics_port}/metrics",
           flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    print("inference: shutting down", flush=True)
-    server.stop()
+    serve_until_signalled("inference", server.stop)
     return 0

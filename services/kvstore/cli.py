@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
 
 from kvpack.common.flags import host_port, non_negative_int
+from kvpack.common.lifecycle import serve_until_signalled
 
 
 def add_parser(subparsers, name: str, help_text: str) -> None:
@@ -55,10 +54,5 @@ def run_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"kvpack kvstore serve: {error}") from None
     print(f"kvstore: gRPC on {server.address}, backend {args.backend}, "
           f"metrics on http://0.0.0.0:{server.metrics_port}/metrics", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    print("kvstore: shutting down", flush=True)
-    server.stop()
+    serve_until_signalled("kvstore", server.stop)
     return 0
