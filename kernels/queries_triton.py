@@ -47,35 +47,42 @@ def _prepare_queries_kernel(
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     NB_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     HAS_SKETCH: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
     TINY: tl.constexpr,
 ):
-    row_id = tl.program_id(0).to(tl.int64)
-    bh = row_id // num_rows
-    row = row_id % num_rows
+    bh = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < num_rows
+    row_ids = bh * num_rows + rows
     cols = tl.arange(0, D_PAD)
     col_mask = cols < HEAD_DIM
-    q_row = q_ptr + (bh // H_KV) * stride_qb + (bh % H_KV) * stride_qh + row * stride_qm
-    q = tl.load(q_row + cols * stride_qd, mask=col_mask, other=0.0).to(tl.float32)
-    query_max = tl.maximum(tl.max(tl.abs(q), axis=0), TINY)
-    tl.store(query_ptr + row_id * HEAD_DIM + cols, q / query_max, mask=col_mask)
-    tl.store(query_max_ptr + row_id, query_max)
+    q_rows = q_ptr + (bh // H_KV) * stride_qb + (bh % H_KV) * stride_qh + rows[:, None] * stride_qm
+    mask = row_mask[:, None] & col_mask[None, :]
+    q = tl.load(q_rows + cols[None, :] * stride_qd, mask=mask, other=0.0).to(tl.float32)
+    query_max = tl.maximum(tl.max(tl.abs(q), axis=1), TINY)
+    tl.store(query_ptr + row_ids[:, None] * HEAD_DIM + cols[None, :], q / query_max[:, None], mask=mask)
+    tl.store(query_max_ptr + row_ids, query_max, mask=row_mask)
     if HAS_SKETCH:
         byte_cols = tl.arange(0, NB_PAD)
-        sketch_tile = sketch_ptr + byte_cols[:, None] * HEAD_DIM + cols[None, :]
-        sketch_max = TINY
+        # sketch rows transposed: [D_PAD, NB_PAD] per plane
+        sketch_tile = sketch_ptr + byte_cols[None, :] * HEAD_DIM + cols[:, None]
+        sketch_max = tl.full((BLOCK_R,), TINY, dtype=tl.float32)
         for plane in tl.static_range(8):
-            rows = tl.load(sketch_tile + plane * NB_PAD * HEAD_DIM, mask=col_mask[None, :], other=0.0)
-            sketch_max = tl.maximum(sketch_max, tl.max(tl.abs(tl.sum(rows * q[None, :], axis=1)), axis=0))
-        total = 0.0
+            rows_t = tl.load(sketch_tile + plane * NB_PAD * HEAD_DIM, mask=col_mask[:, None], other=0.0)
+            projection = tl.dot(q, rows_t, input_precision="ieee")
+            sketch_max = tl.maximum(sketch_max, tl.max(tl.abs(projection), axis=1))
+        total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        planes_rows = planes_ptr + row_ids[:, None] * (8 * NB_PAD) + byte_cols[None, :]
         for plane in tl.static_range(8):
-            rows = tl.load(sketch_tile + plane * NB_PAD * HEAD_DIM, mask=col_mask[None, :], other=0.0)
-            normalized = (tl.sum(rows * q[None, :], axis=1) / sketch_max).to(OUT_DTYPE)
-            tl.store(planes_ptr + (row_id * 8 + plane) * NB_PAD + byte_cols, normalized)
-            total += tl.sum(normalized.to(tl.float32), axis=0)
-        tl.store(sketch_sum_ptr + row_id, total)
-        tl.store(sketch_max_ptr + row_id, sketch_max)
+            rows_t = tl.load(sketch_tile + plane * NB_PAD * HEAD_DIM, mask=col_mask[:, None], other=0.0)
+            projection = tl.dot(q, rows_t, input_precision="ieee")
+            normalized = (projection / sketch_max[:, None]).to(OUT_DTYPE)
+            tl.store(planes_rows + plane * NB_PAD, normalized, mask=row_mask[:, None])
+            total += tl.sum(normalized.to(tl.float32), axis=1)
+        tl.store(sketch_sum_ptr + row_ids, total, mask=row_mask)
+        tl.store(sketch_max_ptr + row_ids, sketch_max, mask=row_mask)
 
 
 def prepare_queries(
@@ -88,7 +95,6 @@ def prepare_queries(
     [B*H_kv, M, 8, NB_PAD], "sketch_sum", "sketch_max" with a plane-major sketch)."""
     rows = rows_per_kv_head(q, num_kv_heads)
     batch, _, num_rows, head_dim = rows.shape
-    total_rows = batch * num_kv_heads * num_rows
     device = q.device
     out = {
         "query": torch.empty(batch * num_kv_heads, num_rows, head_dim, dtype=torch.float32, device=device),
@@ -103,12 +109,14 @@ def prepare_queries(
         out["sketch_sum"] = torch.empty_like(out["query_max"])
         out["sketch_max"] = torch.empty_like(out["query_max"])
     placeholder = out["query_max"]
-    _prepare_queries_kernel[(total_rows,)](
+    block_rows = max(16, min(64, next_power_of_2(num_rows)))
+    _prepare_queries_kernel[(batch * num_kv_heads, triton.cdiv(num_rows, block_rows))](
         rows, sketch_planes if sketch_planes is not None else placeholder,
         out["query"], out["query_max"], out.get("planes", placeholder),
         out.get("sketch_sum", placeholder), out.get("sketch_max", placeholder),
         num_rows, *rows.stride(),
         H_KV=num_kv_heads, HEAD_DIM=head_dim, D_PAD=next_power_of_2(head_dim), NB_PAD=nb_pad,
+        BLOCK_R=block_rows,
         HAS_SKETCH=sketch_planes is not None,
         OUT_DTYPE=tl.float32 if operand_dtype == torch.float32 else tl.float16, TINY=_TINY,
     )  # fmt: skip
