@@ -14,6 +14,7 @@ For each layer (research/kvquant.md §1.2, §1.6):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -107,47 +108,70 @@ def rope_of(model) -> tuple[torch.Tensor, float, dict[str, Any]]:
     return rotary.inv_freq.detach().float().cpu(), float(rotary.attention_scaling), rope
 
 
-def calibrate_model(
-    model, sequences: torch.Tensor, *, model_id: str, bits_list: list[int], outliers: float,
-    sink_tokens: int, text_sha256: str, progress: bool = True,
-) -> KVQuantCalibration:
-    """Calibrate every layer of a HF Llama-family causal LM on token sequences [S, L]."""
-    for bits in bits_list:
-        reference.check_bits(bits)
-    if not 0.0 <= outliers < 0.5:
-        raise ValueError(f"outliers must be a fraction in [0, 0.5), got {outliers}")
-    if sequences.dim() != 2 or sequences.shape[1] <= sink_tokens:
-        raise ValueError(f"sequences must be [S, L] with L > sink_tokens, got {tuple(sequences.shape)}")
+@dataclass(frozen=True)
+class ModelShape:
+    """What a calibration records about its model besides the statistics."""
+
+    model_id: str
+    model_type: str | None
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    inv_freq: torch.Tensor
+    attention_scaling: float
+    rope: dict[str, Any]
+
+
+def model_shape(model, model_id: str) -> ModelShape:
     config = model.config
-    num_kv_heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     inv_freq, attention_scaling, rope = rope_of(model)
     if inv_freq.numel() != head_dim // 2:
         raise ValueError(f"partial rotary embeddings ({inv_freq.numel()} frequencies for "
                          f"head_dim {head_dim}) are not supported")
-    activations = collect_activations(model, sequences, num_kv_heads=num_kv_heads,
-                                      head_dim=head_dim, sink_tokens=sink_tokens,
-                                      progress=progress)
+    return ModelShape(model_id, getattr(config, "model_type", None), config.num_attention_heads,
+                      config.num_key_value_heads, head_dim, inv_freq, attention_scaling,
+                      {key: value for key, value in rope.items() if _is_json(value)})
+
+
+def model_activations(model, shape: ModelShape, sequences: torch.Tensor, *, sink_tokens: int,
+                      progress: bool = True) -> list[LayerActivations]:
+    if sequences.dim() != 2 or sequences.shape[1] <= sink_tokens:
+        raise ValueError(f"sequences must be [S, L] with L > sink_tokens, got {tuple(sequences.shape)}")
+    return collect_activations(model, sequences, num_kv_heads=shape.num_kv_heads,
+                               head_dim=shape.head_dim, sink_tokens=sink_tokens, progress=progress)
+
+
+def calibration_from_activations(
+    activations: list[LayerActivations], shape: ModelShape, *, bits_list: list[int],
+    outliers: float, sink_tokens: int, text_sha256: str, num_tokens: int, sequence_length: int,
+    progress: bool = True,
+) -> KVQuantCalibration:
+    """Fit every layer's constants (one pass of Fisher collection serves several settings)."""
+    for bits in bits_list:
+        reference.check_bits(bits)
+    if not 0.0 <= outliers < 0.5:
+        raise ValueError(f"outliers must be a fraction in [0, 0.5), got {outliers}")
     layers = [
         calibrate_layer(acts, bits_list=bits_list, outliers=outliers)
         for acts in tqdm(activations, desc="calibrate: codebooks", unit="layer",
                          disable=not progress)
     ]
     metadata = {
-        "model_id": model_id,
-        "model_type": getattr(config, "model_type", None),
+        "model_id": shape.model_id,
+        "model_type": shape.model_type,
         "num_layers": len(layers),
-        "num_kv_heads": num_kv_heads,
-        "num_attention_heads": config.num_attention_heads,
-        "head_dim": head_dim,
-        "attention_scaling": attention_scaling,
-        "rope": {key: value for key, value in rope.items() if _is_json(value)},
+        "num_kv_heads": shape.num_kv_heads,
+        "num_attention_heads": shape.num_attention_heads,
+        "head_dim": shape.head_dim,
+        "attention_scaling": shape.attention_scaling,
+        "rope": shape.rope,
         "bits": list(bits_list),
         "outliers": outliers,
         "sink_tokens": sink_tokens,
         "text_sha256": text_sha256,
-        "num_tokens": int(sequences.numel()),
-        "sequence_length": int(sequences.shape[1]),
+        "num_tokens": num_tokens,
+        "sequence_length": sequence_length,
     }
 
     def stack(name: str, bits: int | None = None) -> torch.Tensor:
@@ -161,7 +185,24 @@ def calibrate_model(
         value_centroids={b: stack("value_centroids", b) for b in bits_list},
         key_qnorm={b: stack("key_qnorm", b) for b in bits_list},
         value_qnorm={b: stack("value_qnorm", b) for b in bits_list},
-        inv_freq=inv_freq,
+        inv_freq=shape.inv_freq,
+    )
+
+
+def calibrate_model(
+    model, sequences: torch.Tensor, *, model_id: str, bits_list: list[int], outliers: float,
+    sink_tokens: int, text_sha256: str, progress: bool = True,
+) -> KVQuantCalibration:
+    """Calibrate every layer of a HF Llama-family causal LM on token sequences [S, L]."""
+    for bits in bits_list:  # fail before the expensive part
+        reference.check_bits(bits)
+    shape = model_shape(model, model_id)
+    activations = model_activations(model, shape, sequences, sink_tokens=sink_tokens,
+                                    progress=progress)
+    return calibration_from_activations(
+        activations, shape, bits_list=bits_list, outliers=outliers, sink_tokens=sink_tokens,
+        text_sha256=text_sha256, num_tokens=int(sequences.numel()),
+        sequence_length=int(sequences.shape[1]), progress=progress,
     )
 
 
