@@ -189,6 +189,8 @@ def quantize_keys(
         NOUT=num_outliers, NOUT_PAD=max(16, next_power_of_2(num_outliers)), GROUP=group_size,
         DOT_DTYPE=operand, NORM_DTYPE=triton_dtype(x.dtype),
         PRECISION="ieee" if operand == tl.float32 else None,
+        # float32 operands: one pipeline stage fits shared memory.
+        num_stages=1 if operand == tl.float32 else 3,
     )  # fmt: skip
     return fields
 
@@ -302,6 +304,134 @@ def _key_scores_kernel(
         tl.store(out_base + tokens[None, :] * stride_ot, score, mask=row_mask[:, None])
 
 
+@triton.jit
+def _key_scores_tiled_kernel(
+    query_sketch_ptr,  # [B * H_KV, num_rows, 8, NB_PAD] normalized, plane-major, DOT_DTYPE
+    query_sketch_sum_ptr,  # [B * H_KV, num_rows] float32: sum of the normalized sketch
+    query_sketch_max_ptr,  # [B * H_KV, num_rows] float32: the normalization
+    query_ptr,  # [B * H_KV, num_rows, HEAD_DIM] float32, normalized by query_max
+    query_max_ptr,  # [B * H_KV, num_rows] float32
+    outlier_sketch_ptr,  # [HEAD_DIM, 8, NBO_PAD] plane-major outlier sketch, DOT_DTYPE
+    signs_ptr,  # [B * H_KV, capacity, NB] uint8
+    norm_ptr,  # [B * H_KV, capacity]
+    outlier_signs_ptr,  # [B * H_KV, capacity, NBO] uint8
+    outlier_norm_ptr,  # [B * H_KV, capacity]
+    outlier_index_ptr,  # [B * H_KV, capacity // GROUP, NOUT] uint8
+    out_ptr,  # rows view [B, H_KV, num_rows, >= num_tokens] float32
+    num_groups,
+    groups_per_program,
+    num_rows,
+    capacity,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_ot,
+    scale_inlier,
+    scale_outlier,
+    H_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NB: tl.constexpr,
+    NB_PAD: tl.constexpr,
+    NBO: tl.constexpr,
+    NBO_PAD: tl.constexpr,
+    NOUT: tl.constexpr,
+    NOUT_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    TILE_GROUPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    """Same math as _key_scores_kernel, TILE_GROUPS token groups per loop step: every tensor
+    carries a leading group axis and the dots are batched over it, so the per-step overhead
+    (query loads, reductions, layout changes) is paid once per TILE_GROUPS groups."""
+    program = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < num_rows
+    row_ids = bh * num_rows + rows
+    byte_cols = tl.arange(0, NB_PAD)
+    outlier_byte_cols = tl.arange(0, NBO_PAD)
+    in_group = tl.arange(0, GROUP)
+    tile = tl.arange(0, TILE_GROUPS)
+    slots = tl.arange(0, NOUT_PAD)
+    slot_mask = slots < NOUT
+    sketch_rows = query_sketch_ptr + row_ids[:, None] * (8 * NB_PAD) + byte_cols[None, :]
+    sketch_sum = tl.load(query_sketch_sum_ptr + row_ids, mask=row_mask, other=0.0)
+    sketch_max = tl.load(query_sketch_max_ptr + row_ids, mask=row_mask, other=0.0)
+    query_max = tl.load(query_max_ptr + row_ids, mask=row_mask, other=0.0)
+    inlier_factor = (sketch_max * scale_inlier)[None, :, None]
+    outlier_factor = (query_max * scale_outlier)[None, :, None]
+    out_base = out_ptr + (bh // H_KV) * stride_ob + (bh % H_KV) * stride_oh
+    out_rows = out_base + rows[None, :, None] * stride_om
+    first = program * groups_per_program
+    last = tl.minimum(first + groups_per_program, num_groups)
+    for group0 in range(first, last, TILE_GROUPS):
+        groups = group0 + tile  # [TILE]
+        group_mask = groups < last
+        tokens = groups[:, None] * GROUP + in_group[None, :]  # [TILE, GROUP]
+        bits = tl.load(
+            signs_ptr + (bh * capacity + tokens[:, :, None]) * NB + byte_cols[None, None, :],
+            mask=group_mask[:, None, None] & (byte_cols[None, None, :] < NB),
+            other=0,
+        ).to(tl.int16)
+        acc = tl.zeros((TILE_GROUPS, BLOCK_M, GROUP), dtype=tl.float32)
+        for plane in tl.static_range(8):
+            query_plane = tl.load(sketch_rows + plane * NB_PAD, mask=row_mask[:, None], other=0.0)
+            query_plane = tl.broadcast_to(query_plane[None, :, :], (TILE_GROUPS, BLOCK_M, NB_PAD))
+            twice_bit = ((bits << (14 - plane)) & 0x4000).to(tl.float16, bitcast=True)
+            acc += tl.dot(query_plane, tl.trans(twice_bit.to(DOT_DTYPE), (0, 2, 1)))
+        norm = tl.load(norm_ptr + bh * capacity + tokens, mask=group_mask[:, None], other=0.0)
+        score = (acc - sketch_sum[None, :, None]) * inlier_factor * norm.to(tl.float32)[:, None, :]
+        if NOUT > 0:
+            index = tl.load(
+                outlier_index_ptr + (bh * (capacity // GROUP) + groups[:, None]) * NOUT + slots[None, :],
+                mask=group_mask[:, None] & slot_mask[None, :],
+                other=0,
+            ).to(tl.int32)  # [TILE, NOUT_PAD]
+            query_outliers = tl.load(
+                query_ptr + row_ids[None, :, None] * HEAD_DIM + index[:, None, :],
+                mask=row_mask[None, :, None] & slot_mask[None, None, :],
+                other=0.0,
+            ).to(DOT_DTYPE)  # [TILE, BLOCK_M, NOUT_PAD]
+            outlier_bits = tl.load(
+                outlier_signs_ptr + (bh * capacity + tokens[:, :, None]) * NBO + outlier_byte_cols[None, None, :],
+                mask=group_mask[:, None, None] & (outlier_byte_cols[None, None, :] < NBO),
+                other=0,
+            ).to(tl.int16)
+            outlier_acc = tl.zeros((TILE_GROUPS, BLOCK_M, GROUP), dtype=tl.float32)
+            outlier_sum = tl.zeros((TILE_GROUPS, BLOCK_M), dtype=tl.float32)
+            for plane in tl.static_range(8):
+                columns = tl.load(
+                    outlier_sketch_ptr
+                    + index[:, :, None] * (8 * NBO_PAD)
+                    + plane * NBO_PAD
+                    + outlier_byte_cols[None, None, :],
+                    mask=slot_mask[None, :, None],
+                    other=0.0,
+                )  # [TILE, NOUT_PAD, NBO_PAD]
+                outlier_plane = tl.dot(query_outliers, columns).to(DOT_DTYPE)
+                outlier_sum += tl.sum(outlier_plane.to(tl.float32), axis=2)
+                twice_bit = ((outlier_bits << (14 - plane)) & 0x4000).to(tl.float16, bitcast=True)
+                outlier_acc += tl.dot(outlier_plane, tl.trans(twice_bit.to(DOT_DTYPE), (0, 2, 1)))
+            outlier_norm = tl.load(outlier_norm_ptr + bh * capacity + tokens, mask=group_mask[:, None], other=0.0)
+            score += (
+                (outlier_acc - outlier_sum[:, :, None])
+                * outlier_factor
+                * outlier_norm.to(tl.float32)[:, None, :]
+            )
+        tl.store(
+            out_rows + tokens[:, None, :] * stride_ot,
+            score,
+            mask=row_mask[None, :, None] & group_mask[:, None, None],
+        )
+
+
+# Launch settings of key_scores (the benchmark sweeps them): groups per loop step of the tiled
+# kernel (0 selects the one-group kernel) and warps per program.
+SCORE_TILE_GROUPS = 4
+SCORE_NUM_WARPS = 4
+
+
 def key_scores(
     q, fields, num_tokens, out, sketch_rows, outlier_sketch_planes, sketch_dim, num_outliers, group_size
 ) -> None:
@@ -326,8 +456,14 @@ def key_scores(
     groups_per_program, programs = score_launch_shape(
         num_groups, batch * num_kv_heads, row_tiles, q.device
     )
+    tiled = SCORE_TILE_GROUPS > 0
+    if tiled:  # whole tiles per program
+        groups_per_program = triton.cdiv(groups_per_program, SCORE_TILE_GROUPS) * SCORE_TILE_GROUPS
+        programs = triton.cdiv(num_groups, groups_per_program)
     outlier_sketch_dim = 8 * fields["outlier_signs"].shape[-1] if num_outliers else 0
-    _key_scores_kernel[(programs, batch * num_kv_heads, row_tiles)](
+    kernel = _key_scores_tiled_kernel if tiled else _key_scores_kernel
+    extra = {"TILE_GROUPS": SCORE_TILE_GROUPS} if tiled else {}
+    kernel[(programs, batch * num_kv_heads, row_tiles)](
         prepared["planes"], prepared["sketch_sum"], prepared["sketch_max"],
         prepared["query"], prepared["query_max"], outlier_sketch_planes,
         signs, fields["norm"], fields.get("outlier_signs", signs),
@@ -337,5 +473,7 @@ def key_scores(
         H_KV=num_kv_heads, HEAD_DIM=head_dim, NB=num_bytes, NB_PAD=bytes_pad(num_bytes),
         NBO=max(1, outlier_sketch_dim // 8), NBO_PAD=bytes_pad(outlier_sketch_dim // 8),
         NOUT=num_outliers, NOUT_PAD=max(16, next_power_of_2(num_outliers)), GROUP=group_size,
-        BLOCK_M=block_m, DOT_DTYPE=operand,
+        BLOCK_M=block_m, DOT_DTYPE=operand, **extra,
+        # float32 operands: one pipeline stage fits shared memory.
+        num_stages=1 if operand == tl.float32 else 3, num_warps=SCORE_NUM_WARPS,
     )  # fmt: skip

@@ -120,6 +120,8 @@ def _attend_values_kernel(
     NUM_BYTES: tl.constexpr = HEAD_DIM * BITS // 8
     byte_cols = tl.arange(0, D_PAD * BITS // 8)
     NUM_GROUPS: tl.constexpr = HEAD_DIM // GROUP
+    NUM_GROUPS_PAD: tl.constexpr = D_PAD // GROUP
+    group_cols = tl.arange(0, NUM_GROUPS_PAD)
     p_base = p_ptr + batch * stride_pb + head * stride_ph
     codes_base = codes_ptr + bh * capacity * NUM_BYTES
     stat_base = bh * capacity * NUM_GROUPS
@@ -140,11 +142,13 @@ def _attend_values_kernel(
             other=0,
         )
         codes = unpack_rows(packed, BLOCK_T, D_PAD * BITS // 8, BITS)
-        stat_offsets = stat_base + tokens[:, None] * NUM_GROUPS + (cols // GROUP)[None, :]
-        stat_mask = token_mask[:, None] & col_mask[None, :]
+        # One scale and zero per channel group, broadcast over the group's channels in registers.
+        stat_offsets = stat_base + tokens[:, None] * NUM_GROUPS + group_cols[None, :]
+        stat_mask = token_mask[:, None] & (group_cols[None, :] < NUM_GROUPS)
         scale = tl.load(scale_ptr + stat_offsets, mask=stat_mask, other=0.0).to(tl.float32)
         zero = tl.load(zero_ptr + stat_offsets, mask=stat_mask, other=0.0).to(tl.float32)
-        values = codes.to(tl.float32) * scale + zero
+        grouped = tl.reshape(codes.to(tl.float32), (BLOCK_T, NUM_GROUPS_PAD, GROUP))
+        values = tl.reshape(grouped * scale[:, :, None] + zero[:, :, None], (BLOCK_T, D_PAD))
         acc += tl.dot(p.to(DOT_DTYPE), values.to(DOT_DTYPE))
     out = (
         partial_ptr
@@ -152,6 +156,11 @@ def _attend_values_kernel(
         + cols[None, :]
     )
     tl.store(out, acc, mask=row_mask[:, None] & col_mask[None, :])
+
+
+# Launch settings of attend_values (the benchmark sweeps them).
+ATTEND_BLOCK_T = 64
+ATTEND_NUM_WARPS = 4
 
 
 def attend_values(p, fields, num_tokens: int, bits: int, group_size: int) -> torch.Tensor:
@@ -162,7 +171,7 @@ def attend_values(p, fields, num_tokens: int, bits: int, group_size: int) -> tor
     rows = rows_per_kv_head(p, num_kv_heads)
     num_rows = rows.shape[2]
     block_m = max(16, min(64, next_power_of_2(num_rows)))
-    block_t = 64
+    block_t = ATTEND_BLOCK_T
     row_tiles = triton.cdiv(num_rows, block_m)
     splits = max(
         1,
@@ -182,6 +191,9 @@ def attend_values(p, fields, num_tokens: int, bits: int, group_size: int) -> tor
         rows.stride(0), rows.stride(1), rows.stride(2), rows.stride(3),
         H_KV=num_kv_heads, HEAD_DIM=head_dim, D_PAD=next_power_of_2(head_dim), GROUP=group_size,
         BITS=bits, BLOCK_M=block_m, BLOCK_T=block_t, DOT_DTYPE=dot_dtype(scale.dtype),
+        # float32 operands: one pipeline stage fits shared memory.
+        num_stages=1 if dot_dtype(scale.dtype) == tl.float32 else 3,
+        num_warps=ATTEND_NUM_WARPS,
     )  # fmt: skip
     out = partial.sum(dim=0) if splits > 1 else partial[0]
     return per_query_head(out.view(batch, num_kv_heads, num_rows, head_dim), p.shape[1], p.shape[2])
