@@ -67,6 +67,34 @@ def _load_codes(row_ptrs, channels, mask, HEAD_DIM: tl.constexpr, BITS: tl.const
 
 
 @triton.jit
+def _load_plane_words(row_words, word_offset, mask, NUM_CHANNELS: tl.constexpr,
+                      PLANE_BITS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Codes [BLOCK_T, NUM_CHANNELS] of one bit plane read as whole int32 words (16-byte loads
+    instead of a byte gather per code): word w holds channels w*32/PLANE_BITS + i at bit
+    i*PLANE_BITS (the byte layout viewed little-endian)."""
+    PER_WORD: tl.constexpr = 32 // PLANE_BITS
+    words = tl.load(row_words[:, None] + word_offset
+                    + tl.arange(0, NUM_CHANNELS // PER_WORD)[None, :], mask=mask[:, None], other=0)
+    shifts = tl.arange(0, PER_WORD) * PLANE_BITS
+    codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << PLANE_BITS) - 1)
+    return tl.reshape(codes, (BLOCK_T, NUM_CHANNELS))
+
+
+@triton.jit
+def _load_half_codes(row_words, half, mask, HEAD_DIM: tl.constexpr, BITS: tl.constexpr,
+                     BLOCK_T: tl.constexpr):
+    """Codes of channels [half*D/2, (half+1)*D/2) through `_load_plane_words`."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    if BITS == 3:
+        low = _load_plane_words(row_words, half * HALF // 16, mask, HALF, 2, BLOCK_T)
+        high = _load_plane_words(row_words, HEAD_DIM // 16 + half * HALF // 32, mask, HALF, 1,
+                                 BLOCK_T)
+        return low | (high << 2)
+    else:
+        return _load_plane_words(row_words, half * HALF * BITS // 32, mask, HALF, BITS, BLOCK_T)
+
+
+@triton.jit
 def _matmul_nt(a, b, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """a [M, K] . b [N, K]^T -> float32 [M, N]; tl.dot needs K >= 16, else broadcast and sum."""
     if USE_DOT:
@@ -217,7 +245,7 @@ def _kvquant_key_scores_kernel(
     num_kv_heads, num_query_tokens, group_size, token_start, num_tokens, attention_scaling,
     HEAD_DIM: tl.constexpr, BITS: tl.constexpr, NUM_SLOTS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, WORDS: tl.constexpr,
 ):
     """score[m, t] = q_m . RoPE(k^_t, pos_t), k^ = lut[code] * scale_c + zero_c + sparse delta.
 
@@ -253,9 +281,15 @@ def _kvquant_key_scores_kernel(
 
         code_rows = Codes_ptr + batch * stride_cb + kv_head * stride_ch + tokens * stride_ct
         table = kv_head * HEAD_DIM
-        k1 = tl.load(Lut_ptr + _load_codes(code_rows, freq, mask_t, HEAD_DIM, BITS))
+        if WORDS:  # Codes_ptr is an int32 view of the rows; strides count words
+            codes1 = _load_half_codes(code_rows, 0, mask_t, HEAD_DIM, BITS, BLOCK_T)
+            codes2 = _load_half_codes(code_rows, 1, mask_t, HEAD_DIM, BITS, BLOCK_T)
+        else:
+            codes1 = _load_codes(code_rows, freq, mask_t, HEAD_DIM, BITS)
+            codes2 = _load_codes(code_rows, freq + HALF, mask_t, HEAD_DIM, BITS)
+        k1 = tl.load(Lut_ptr + codes1)
         k1 = k1 * tl.load(Scale_ptr + table + freq)[None, :] + tl.load(Zero_ptr + table + freq)[None, :]
-        k2 = tl.load(Lut_ptr + _load_codes(code_rows, freq + HALF, mask_t, HEAD_DIM, BITS))
+        k2 = tl.load(Lut_ptr + codes2)
         k2 = (k2 * tl.load(Scale_ptr + table + HALF + freq)[None, :]
               + tl.load(Zero_ptr + table + HALF + freq)[None, :])
         rotated1 = (k1 * cos - k2 * sin).to(q1.dtype)
@@ -286,8 +320,14 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def words_layout_fits(head_dim: int, bits: int) -> bool:
+    """Whether each half row's codes are whole int32 words in every bit plane."""
+    smallest_plane = 1 if bits == 3 else bits
+    return (head_dim // 2 * smallest_plane) % 32 == 0
+
+
 def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_scaling,
-               bits, token_start, out, block_t=None):
+               bits, token_start, out, block_t=None, num_warps=None, words=None):
     """Scores of post-RoPE q [B, H_q, T_q, D] against packed pre-RoPE keys (token t at RoPE
     position t), written into out[..., token_start:T] (out: float32 [B, H_q, T_q, T])."""
     batch, num_kv_heads, num_tokens, _ = codes.shape
@@ -302,16 +342,20 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
     grid = (triton.cdiv(num_tokens - token_start, block_t), triton.cdiv(rows, block_m), batch)
     if grid[0] == 0:
         return out
+    if words is None:
+        words = words_layout_fits(head_dim, bits)
+    code_rows = codes.view(torch.int32) if words else codes  # strides then count int32 words
     _kvquant_key_scores_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
-        codes, codes.stride(0), codes.stride(1), codes.stride(2),
+        code_rows, code_rows.stride(0), code_rows.stride(1), code_rows.stride(2),
         index, delta, index.stride(0), index.stride(1), index.stride(2),
         zero, scale, lut, inv_freq,
         out, out.stride(0), out.stride(1), out.stride(2),
         num_kv_heads, num_query_tokens, group_size, token_start, num_tokens,
         float(attention_scaling),
         HEAD_DIM=head_dim, BITS=bits, NUM_SLOTS=index.shape[-1], BLOCK_T=block_t, BLOCK_M=block_m,
-        USE_DOT=head_dim // 2 >= 16, INPUT_PRECISION=input_precision,
+        USE_DOT=head_dim // 2 >= 16, INPUT_PRECISION=input_precision, WORDS=words,
+        **({} if num_warps is None else {"num_warps": num_warps}),
     )
     return out
 

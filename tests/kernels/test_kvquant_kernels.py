@@ -107,11 +107,13 @@ def test_key_scores_triton_matches_reference(group, bits, head_dim, num_queries)
     dense = reference.dequantize_keys(codes, index, delta, t["key_zero"], t["key_scale"],
                                       t["key_lut"], bits, head_dim)
     expected = reference.scores(q, reference.apply_rope(dense, torch.arange(41), t["inv_freq"], 1.0))
-    for token_start in (0, 1):
+    # the int32-word reading of the codes where the layout allows it, the byte gather always
+    layouts = (True, False) if triton_kernels.words_layout_fits(head_dim, bits) else (False,)
+    for token_start, words in ((0, layouts[0]), (1, layouts[-1])):
         out = torch.full((2, 2 * group, num_queries, 41), float("nan"))
         triton_kernels.key_scores(q, codes, index.to(torch.uint8), delta, t["key_zero"],
                                   t["key_scale"], t["key_lut"], t["inv_freq"], 1.0, bits,
-                                  token_start=token_start, out=out)
+                                  token_start=token_start, out=out, words=words)
         assert out[..., :token_start].isnan().all(), "tokens before token_start are not written"
         torch.testing.assert_close(out[..., token_start:], expected[..., token_start:],
                                    rtol=1e-4, atol=1e-4)
