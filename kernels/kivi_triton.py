@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .queries_triton import prepare_queries
 from .quant_reference import EPS
 from .quant_triton import minmax_codes, pack_rows
+from .queries_triton import prepare_queries
 from .triton_common import next_power_of_2, num_programs_target, score_dot_dtype, triton_dtype
 
 
@@ -184,4 +184,6 @@ def key_scores(q, fields, num_tokens: int, out: torch.Tensor, bits: int, group_s
         num_groups, groups_per_program, num_rows, capacity, *out_rows.stride(),
         H_KV=num_kv_heads, HEAD_DIM=head_dim, D_PAD=next_power_of_2(head_dim), GROUP=group_size,
         BITS=bits, BLOCK_M=block_m, DOT_DTYPE=operand,
+        # float32 operands: one pipeline stage fits shared memory.
+        num_stages=1 if operand == tl.float32 else 3,
     )  # fmt: skip

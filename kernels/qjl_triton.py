@@ -30,6 +30,7 @@ from .triton_common import (
     triton_dtype,
 )
 
+
 def bytes_pad(num_bytes: int) -> int:
     """Padded byte count of a plane: a power of two, at least 16 (the smallest tl.dot dimension)."""
     return max(16, next_power_of_2(num_bytes))
@@ -146,6 +147,128 @@ def _quantize_keys_kernel(
         )
 
 
+@triton.jit
+def _quantize_keys_tiled_kernel(
+    x_ptr,  # [num_groups * GROUP, HEAD_DIM] contiguous, input dtype
+    sketch_ptr,  # [HEAD_DIM, 8, NB_PAD] plane-major inlier sketch, input dtype
+    outlier_sketch_ptr,  # [HEAD_DIM, 8, NBO_PAD] plane-major outlier sketch, input dtype
+    signs_ptr,  # [num_groups * GROUP, NB] uint8
+    norm_ptr,  # [num_groups * GROUP]
+    outlier_signs_ptr,  # [num_groups * GROUP, NBO] uint8
+    outlier_norm_ptr,  # [num_groups * GROUP]
+    outlier_index_ptr,  # [num_groups, NOUT] uint8
+    num_groups,
+    groups_per_program,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    NB: tl.constexpr,
+    NB_PAD: tl.constexpr,
+    NBO: tl.constexpr,
+    NBO_PAD: tl.constexpr,
+    NOUT: tl.constexpr,
+    NOUT_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    TILE_GROUPS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    NORM_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Same math as _quantize_keys_kernel, TILE_GROUPS groups per loop step: the outlier search
+    runs for all groups of a tile at once and every sketch plane loaded serves the whole tile."""
+    program = tl.program_id(0)
+    in_group = tl.arange(0, GROUP).to(tl.int64)
+    tile = tl.arange(0, TILE_GROUPS)
+    cols = tl.arange(0, D_PAD)
+    col_mask = cols < HEAD_DIM
+    byte_cols = tl.arange(0, NB_PAD)
+    outlier_byte_cols = tl.arange(0, NBO_PAD)
+    slots = tl.arange(0, NOUT_PAD)
+    slot_mask = slots < NOUT
+    first = program * groups_per_program
+    last = tl.minimum(first + groups_per_program, num_groups)
+    for group0 in range(first, last, TILE_GROUPS):
+        groups = group0 + tile
+        group_mask = groups < last
+        tokens = groups[:, None] * GROUP + in_group[None, :]  # [TILE, GROUP]
+        x = tl.load(
+            x_ptr + tokens[:, :, None] * HEAD_DIM + cols[None, None, :],
+            mask=group_mask[:, None, None] & col_mask[None, None, :],
+            other=0.0,
+        )  # [TILE, GROUP, D_PAD], input dtype
+        inliers = x
+        if NOUT > 0:
+            x32 = x.to(tl.float32)
+            energy = tl.where(col_mask[None, :], tl.sum(x32 * x32, axis=1), -1.0)  # [TILE, D_PAD]
+            is_outlier = energy < -5.0  # all false
+            index = tl.zeros((TILE_GROUPS, NOUT_PAD), dtype=tl.int32)
+            for slot in tl.static_range(NOUT):
+                best = tl.argmax(energy, axis=1)  # [TILE]
+                hit = cols[None, :] == best[:, None]
+                is_outlier = is_outlier | hit
+                index = tl.where(slots[None, :] == slot, best[:, None], index)
+                energy = tl.where(hit, -2.0, energy)
+            tl.store(
+                outlier_index_ptr + groups[:, None] * NOUT + slots[None, :],
+                index.to(tl.uint8),
+                mask=group_mask[:, None] & slot_mask[None, :],
+            )
+            inliers = tl.where(is_outlier[:, None, :], tl.zeros_like(x), x)
+            outliers = tl.load(
+                x_ptr + tokens[:, :, None] * HEAD_DIM + index[:, None, :],
+                mask=group_mask[:, None, None] & slot_mask[None, None, :],
+                other=0.0,
+            )  # [TILE, GROUP, NOUT_PAD]
+            outliers32 = outliers.to(tl.float32)
+            outlier_norm = tl.sqrt(tl.sum(outliers32 * outliers32, axis=2))
+            tl.store(
+                outlier_norm_ptr + tokens, outlier_norm.to(NORM_DTYPE), mask=group_mask[:, None]
+            )
+            outlier_bytes = tl.zeros((TILE_GROUPS, GROUP, NBO_PAD), dtype=tl.int32)
+            for plane in tl.static_range(8):
+                columns = tl.load(
+                    outlier_sketch_ptr
+                    + index[:, :, None] * (8 * NBO_PAD)
+                    + plane * NBO_PAD
+                    + outlier_byte_cols[None, None, :],
+                    mask=slot_mask[None, :, None],
+                    other=0.0,
+                )  # [TILE, NOUT_PAD, NBO_PAD]
+                projection = tl.dot(
+                    outliers.to(DOT_DTYPE), columns.to(DOT_DTYPE), input_precision=PRECISION
+                )
+                outlier_bytes = outlier_bytes | ((projection > 0).to(tl.int32) << plane)
+            tl.store(
+                outlier_signs_ptr + tokens[:, :, None] * NBO + outlier_byte_cols[None, None, :],
+                outlier_bytes.to(tl.uint8),
+                mask=group_mask[:, None, None] & (outlier_byte_cols[None, None, :] < NBO),
+            )
+        inliers32 = inliers.to(tl.float32)
+        norm = tl.sqrt(tl.sum(inliers32 * inliers32, axis=2))
+        tl.store(norm_ptr + tokens, norm.to(NORM_DTYPE), mask=group_mask[:, None])
+        inliers_dot = inliers.to(DOT_DTYPE)
+        sign_bytes = tl.zeros((TILE_GROUPS, GROUP, NB_PAD), dtype=tl.int32)
+        for plane in tl.static_range(8):
+            rows = tl.load(
+                sketch_ptr + cols[:, None] * (8 * NB_PAD) + plane * NB_PAD + byte_cols[None, :],
+                mask=col_mask[:, None],
+                other=0.0,
+            ).to(DOT_DTYPE)
+            rows = tl.broadcast_to(rows[None, :, :], (TILE_GROUPS, D_PAD, NB_PAD))
+            projection = tl.dot(inliers_dot, rows, input_precision=PRECISION)
+            sign_bytes = sign_bytes | ((projection > 0).to(tl.int32) << plane)
+        tl.store(
+            signs_ptr + tokens[:, :, None] * NB + byte_cols[None, None, :],
+            sign_bytes.to(tl.uint8),
+            mask=group_mask[:, None, None] & (byte_cols[None, None, :] < NB),
+        )
+
+
+# Launch settings of quantize_keys (the benchmark sweeps them): groups per loop step of the
+# tiled kernel (a power of two; 0 selects the one-group kernel) and warps per program.
+QUANTIZE_TILE_GROUPS = 2
+QUANTIZE_NUM_WARPS = 8
+
+
 def quantize_keys(
     x,
     sketch_planes,
@@ -179,7 +302,14 @@ def quantize_keys(
     programs = min(num_groups, num_programs_target(device))
     groups_per_program = triton.cdiv(num_groups, programs)
     operand = dot_dtype(x.dtype)
-    _quantize_keys_kernel[(triton.cdiv(num_groups, groups_per_program),)](
+    tiled = QUANTIZE_TILE_GROUPS > 0
+    if tiled:  # whole tiles per program
+        groups_per_program = (
+            triton.cdiv(groups_per_program, QUANTIZE_TILE_GROUPS) * QUANTIZE_TILE_GROUPS
+        )
+    kernel = _quantize_keys_tiled_kernel if tiled else _quantize_keys_kernel
+    extra = {"TILE_GROUPS": QUANTIZE_TILE_GROUPS} if tiled else {}
+    kernel[(triton.cdiv(num_groups, groups_per_program),)](
         x, sketch_planes, outlier_sketch_planes, signs, norm,
         fields.get("outlier_signs", signs), fields.get("outlier_norm", norm), fields.get("outlier_index", signs),
         num_groups, groups_per_program,
@@ -190,7 +320,7 @@ def quantize_keys(
         DOT_DTYPE=operand, NORM_DTYPE=triton_dtype(x.dtype),
         PRECISION="ieee" if operand == tl.float32 else None,
         # float32 operands: one pipeline stage fits shared memory.
-        num_stages=1 if operand == tl.float32 else 3,
+        num_stages=1 if operand == tl.float32 else 3, num_warps=QUANTIZE_NUM_WARPS, **extra,
     )  # fmt: skip
     return fields
 
@@ -384,7 +514,9 @@ def _key_scores_tiled_kernel(
         score = (acc - sketch_sum[None, :, None]) * inlier_factor * norm.to(tl.float32)[:, None, :]
         if NOUT > 0:
             index = tl.load(
-                outlier_index_ptr + (bh * (capacity // GROUP) + groups[:, None]) * NOUT + slots[None, :],
+                outlier_index_ptr
+                + (bh * (capacity // GROUP) + groups[:, None]) * NOUT
+                + slots[None, :],
                 mask=group_mask[:, None] & slot_mask[None, :],
                 other=0,
             ).to(tl.int32)  # [TILE, NOUT_PAD]
@@ -394,7 +526,9 @@ def _key_scores_tiled_kernel(
                 other=0.0,
             ).to(DOT_DTYPE)  # [TILE, BLOCK_M, NOUT_PAD]
             outlier_bits = tl.load(
-                outlier_signs_ptr + (bh * capacity + tokens[:, :, None]) * NBO + outlier_byte_cols[None, None, :],
+                outlier_signs_ptr
+                + (bh * capacity + tokens[:, :, None]) * NBO
+                + outlier_byte_cols[None, None, :],
                 mask=group_mask[:, None, None] & (outlier_byte_cols[None, None, :] < NBO),
                 other=0,
             ).to(tl.int16)
@@ -413,7 +547,9 @@ def _key_scores_tiled_kernel(
                 outlier_sum += tl.sum(outlier_plane.to(tl.float32), axis=2)
                 twice_bit = ((outlier_bits << (14 - plane)) & 0x4000).to(tl.float16, bitcast=True)
                 outlier_acc += tl.dot(outlier_plane, tl.trans(twice_bit.to(DOT_DTYPE), (0, 2, 1)))
-            outlier_norm = tl.load(outlier_norm_ptr + bh * capacity + tokens, mask=group_mask[:, None], other=0.0)
+            outlier_norm = tl.load(
+                outlier_norm_ptr + bh * capacity + tokens, mask=group_mask[:, None], other=0.0
+            )
             score += (
                 (outlier_acc - outlier_sum[:, :, None])
                 * outlier_factor
@@ -433,7 +569,15 @@ SCORE_NUM_WARPS = 4
 
 
 def key_scores(
-    q, fields, num_tokens, out, sketch_rows, outlier_sketch_planes, sketch_dim, num_outliers, group_size
+    q,
+    fields,
+    num_tokens,
+    out,
+    sketch_rows,
+    outlier_sketch_planes,
+    sketch_dim,
+    num_outliers,
+    group_size,
 ) -> None:
     """Scores of q [B, H_q, T_q, D] against the first num_tokens packed keys, written into
     out [B, H_q, T_q, num_tokens] (float32 view, unit stride on its last axis).

@@ -62,7 +62,9 @@ def _prepare_queries_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     q = tl.load(q_rows + cols[None, :] * stride_qd, mask=mask, other=0.0).to(tl.float32)
     query_max = tl.maximum(tl.max(tl.abs(q), axis=1), TINY)
-    tl.store(query_ptr + row_ids[:, None] * HEAD_DIM + cols[None, :], q / query_max[:, None], mask=mask)
+    tl.store(
+        query_ptr + row_ids[:, None] * HEAD_DIM + cols[None, :], q / query_max[:, None], mask=mask
+    )
     tl.store(query_max_ptr + row_ids, query_max, mask=row_mask)
     if HAS_SKETCH:
         byte_cols = tl.arange(0, NB_PAD)
@@ -70,13 +72,17 @@ def _prepare_queries_kernel(
         sketch_tile = sketch_ptr + byte_cols[None, :] * HEAD_DIM + cols[:, None]
         sketch_max = tl.full((BLOCK_R,), TINY, dtype=tl.float32)
         for plane in tl.static_range(8):
-            rows_t = tl.load(sketch_tile + plane * NB_PAD * HEAD_DIM, mask=col_mask[:, None], other=0.0)
+            rows_t = tl.load(
+                sketch_tile + plane * NB_PAD * HEAD_DIM, mask=col_mask[:, None], other=0.0
+            )
             projection = tl.dot(q, rows_t, input_precision="ieee")
             sketch_max = tl.maximum(sketch_max, tl.max(tl.abs(projection), axis=1))
         total = tl.zeros((BLOCK_R,), dtype=tl.float32)
         planes_rows = planes_ptr + row_ids[:, None] * (8 * NB_PAD) + byte_cols[None, :]
         for plane in tl.static_range(8):
-            rows_t = tl.load(sketch_tile + plane * NB_PAD * HEAD_DIM, mask=col_mask[:, None], other=0.0)
+            rows_t = tl.load(
+                sketch_tile + plane * NB_PAD * HEAD_DIM, mask=col_mask[:, None], other=0.0
+            )
             projection = tl.dot(q, rows_t, input_precision="ieee")
             normalized = (projection / sketch_max[:, None]).to(OUT_DTYPE)
             tl.store(planes_rows + plane * NB_PAD, normalized, mask=row_mask[:, None])
@@ -97,8 +103,12 @@ def prepare_queries(
     batch, _, num_rows, head_dim = rows.shape
     device = q.device
     out = {
-        "query": torch.empty(batch * num_kv_heads, num_rows, head_dim, dtype=torch.float32, device=device),
-        "query_max": torch.empty(batch * num_kv_heads, num_rows, dtype=torch.float32, device=device),
+        "query": torch.empty(
+            batch * num_kv_heads, num_rows, head_dim, dtype=torch.float32, device=device
+        ),
+        "query_max": torch.empty(
+            batch * num_kv_heads, num_rows, dtype=torch.float32, device=device
+        ),
     }
     nb_pad = 16
     if sketch_planes is not None:

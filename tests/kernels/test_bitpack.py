@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvpack.kernels.bitpack import pack_codes, packed_bytes, unpack_codes
 
 

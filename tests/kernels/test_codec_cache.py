@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvpack.kernels import make_codec
 
 CODECS = {
     "fp16": {},
     "kivi": {"bits": 2, "group_size": 16, "window": 5},
-    "qjl": {"sketch_dim": 32, "outlier_channels": 2, "outlier_sketch_dim": 16, "group_size": 16, "window": 3},
+    "qjl": {
+        "sketch_dim": 32,
+        "outlier_channels": 2,
+        "outlier_sketch_dim": 16,
+        "group_size": 16,
+        "window": 3,
+    },
     "qjl_no_outliers": {"sketch_dim": 32, "outlier_channels": 0, "group_size": 16},
 }
 
@@ -63,7 +68,9 @@ def test_window_and_incomplete_group_stay_in_full_precision(key):
     # the full-precision tail scores exactly
     q = torch.randn(1, 2, 1, 32)
     tail = k[:, :, keys.num_packed :]
-    torch.testing.assert_close(codec.key_scores(q, keys)[..., keys.num_packed :], q @ tail.transpose(-1, -2))
+    torch.testing.assert_close(
+        codec.key_scores(q, keys)[..., keys.num_packed :], q @ tail.transpose(-1, -2)
+    )
 
 
 @pytest.mark.parametrize("key", list(CODECS))
@@ -77,10 +84,14 @@ def test_bytes_round_trip_bit_exactly(key):
         assert codec.to_bytes(again) == data
         assert (again.num_packed, again.tail_len) == (packed.num_packed, packed.tail_len)
         for name, tensor in packed.fields.items():
-            rows = packed.num_packed // next(s for s in packed.specs if s.name == name).tokens_per_row
+            rows = (
+                packed.num_packed // next(s for s in packed.specs if s.name == name).tokens_per_row
+            )
             assert torch.equal(again.fields[name][:, :, :rows], tensor[:, :, :rows])
     q = torch.randn(2, 2, 1, 32, dtype=torch.float16)
-    assert torch.equal(codec.key_scores(q, codec.from_bytes(codec.to_bytes(keys))), codec.key_scores(q, keys))
+    assert torch.equal(
+        codec.key_scores(q, codec.from_bytes(codec.to_bytes(keys))), codec.key_scores(q, keys)
+    )
 
 
 @pytest.mark.parametrize("key", ["kivi", "qjl"])
@@ -89,7 +100,9 @@ def test_blocks_reload_into_an_empty_cache_with_identical_scores(key):
     k, v = torch.randn(2, 2, 100, 32), torch.randn(2, 2, 100, 32)
     keys, values = codec.encode_keys(k), codec.encode_values(v)
     assert keys.num_packed == 96 - (0 if codec.window < 4 else 16)
-    blocks = [codec.kv_block_to_bytes(keys, values, start, start + 32) for start in range(0, 64, 32)]
+    blocks = [
+        codec.kv_block_to_bytes(keys, values, start, start + 32) for start in range(0, 64, 32)
+    ]
     restored_keys = codec.new_keys(2, 2, dtype=torch.float32)
     restored_values = codec.new_values(2, 2, dtype=torch.float32)
     for block in blocks:
@@ -117,7 +130,9 @@ def test_block_errors_name_the_problem():
     with pytest.raises(ValueError, match="fingerprint"):
         _codec("kivi").append_block(_codec("kivi").new_keys(1, 2, dtype=torch.float32), block)
     with pytest.raises(ValueError, match="dtype"):
-        codec.append_block(codec.new_keys(1, 2, dtype=torch.float16), codec.block_to_bytes(keys, 0, 16))
+        codec.append_block(
+            codec.new_keys(1, 2, dtype=torch.float16), codec.block_to_bytes(keys, 0, 16)
+        )
     grown = codec.new_keys(1, 2, dtype=torch.float32)
     codec.append_keys(grown, torch.randn(1, 2, 1, 32))
     with pytest.raises(ValueError, match="before appending tokens"):
@@ -182,7 +197,10 @@ def test_fingerprint_is_stable_and_covers_every_parameter():
         make_codec("fp16", head_dim=64),
     ]
     assert len({base.fingerprint(), *(codec.fingerprint() for codec in others)}) == len(others) + 1
-    assert make_codec("kivi", head_dim=64, bits=4).fingerprint() != make_codec("kivi", head_dim=64).fingerprint()
+    assert (
+        make_codec("kivi", head_dim=64, bits=4).fingerprint()
+        != make_codec("kivi", head_dim=64).fingerprint()
+    )
 
 
 def test_batch_and_preallocation_growth_beyond_capacity():

@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-
-from kvpack.kernels import make_codec, qjl_reference
+from kvpack.kernels import make_codec, qjl_reference, qjl_triton
 from kvpack.kernels.bitpack import unpack_codes
 from kvpack.kernels.qjl_sketch import make_sketches, rounded
 
@@ -23,7 +22,9 @@ def test_sketch_rows_are_orthogonal_with_norm_sqrt_d_and_seeded():
     sketches = make_sketches(head_dim, sketch_dim, 24, seed=7)
     s = sketches.inlier.double()
     assert s.shape == (80, 32) and sketches.outlier.shape == (24, 32)
-    torch.testing.assert_close(s.norm(dim=1), torch.full((80,), math.sqrt(32.0), dtype=torch.float64))
+    torch.testing.assert_close(
+        s.norm(dim=1), torch.full((80,), math.sqrt(32.0), dtype=torch.float64)
+    )
     for start in (0, 32, 64):
         block = s[start : start + 32]
         gram = block @ block.T
@@ -48,7 +49,9 @@ def _projections(codec, k):
     n_out = codec.key_format.num_outliers
     if n_out:
         index = qjl_reference.select_outliers(groups, n_out)
-        mask = torch.zeros(groups.shape[:3] + (k.shape[-1],), dtype=torch.bool).scatter_(-1, index, True)
+        mask = torch.zeros(groups.shape[:3] + (k.shape[-1],), dtype=torch.bool).scatter_(
+            -1, index, True
+        )
         groups = groups.masked_fill(mask[..., None, :], 0.0)
     return (groups @ sketch.T).reshape(*k.shape[:3], -1)
 
@@ -74,7 +77,9 @@ def test_fused_quantize_matches_reference(dtype, head_dim, sketch_dim, outliers,
     if outliers:
         assert torch.equal(actual["outlier_index"], expected["outlier_index"])
         assert torch.equal(actual["outlier_signs"], expected["outlier_signs"])
-        torch.testing.assert_close(actual["outlier_norm"], expected["outlier_norm"], rtol=2e-3, atol=1e-6)
+        torch.testing.assert_close(
+            actual["outlier_norm"], expected["outlier_norm"], rtol=2e-3, atol=1e-6
+        )
 
 
 def test_outliers_are_the_highest_energy_channels_of_each_group():
@@ -93,7 +98,9 @@ def test_outliers_are_the_highest_energy_channels_of_each_group():
     "group_heads,num_queries,outliers", [(1, 1, 0), (3, 5, 4), (4, 1, 4), (8, 3, 0), (8, 1, 4)]
 )
 def test_scores_match_reference(group_heads, num_queries, outliers):
-    ref, tri = _codecs(64, sketch_dim=64, outlier_channels=outliers, outlier_sketch_dim=32, group_size=16)
+    ref, tri = _codecs(
+        64, sketch_dim=64, outlier_channels=outliers, outlier_sketch_dim=32, group_size=16
+    )
     k = torch.randn(2, 2, 48, 64)
     q = torch.randn(2, 2 * group_heads, num_queries, 64) * 3
     keys = ref.encode_keys(k)
@@ -139,7 +146,9 @@ def _estimates(q, k, seeds, **params):
 def _sphere_factor(head_dim: int) -> float:
     """E of the estimator / <q, k> for rows uniform on the sphere of radius sqrt(d) (orthogonalized
     Gaussian rows): sqrt(d) / E||g|| with g ~ N(0, I_d), 1 + 1/(4d) + O(1/d^2)."""
-    expected_chi = math.sqrt(2) * math.exp(math.lgamma((head_dim + 1) / 2) - math.lgamma(head_dim / 2))
+    expected_chi = math.sqrt(2) * math.exp(
+        math.lgamma((head_dim + 1) / 2) - math.lgamma(head_dim / 2)
+    )
     return math.sqrt(head_dim) / expected_chi
 
 
@@ -177,7 +186,9 @@ def test_more_sketch_rows_shrink_the_error():
     truth = (q[0, 0, 0] @ k[0, 0, 0]).item()
     errors = []
     for sketch_dim in (16, 128):
-        samples, _ = _estimates(q, k, range(120), sketch_dim=sketch_dim, outlier_channels=0, group_size=16)
+        samples, _ = _estimates(
+            q, k, range(120), sketch_dim=sketch_dim, outlier_channels=0, group_size=16
+        )
         errors.append(((samples - truth) ** 2).mean().item())
     assert errors[1] < errors[0] / 4  # variance ~ 1/m: 8x more rows, >4x less error
 
@@ -191,6 +202,25 @@ def test_bfloat16_reference_path():
     q = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16)
     keys = codec.encode_keys(k)
     assert keys.fields["norm"].dtype == torch.bfloat16
-    exact = torch.matmul(q.float().reshape(1, 2, 2, 64), k.float().transpose(-1, -2)).reshape(1, 4, 1, 64)
+    exact = torch.matmul(q.float().reshape(1, 2, 2, 64), k.float().transpose(-1, -2)).reshape(
+        1, 4, 1, 64
+    )
     scores = codec.key_scores(q, keys)
     assert ((scores - exact).norm() / exact.norm()) < 0.6
+
+
+@pytest.mark.parametrize("tile_groups", [0, 1, 4])
+def test_kernel_variants_agree(monkeypatch, tile_groups):
+    # The one-group kernels (tile 0) and the tiled kernels at any tile size compute the same thing;
+    # the benchmark picks the fastest setting on a GPU.
+    monkeypatch.setattr(qjl_triton, "QUANTIZE_TILE_GROUPS", tile_groups)
+    monkeypatch.setattr(qjl_triton, "SCORE_TILE_GROUPS", tile_groups)
+    ref, tri = _codecs(32, sketch_dim=32, outlier_channels=3, outlier_sketch_dim=16, group_size=16)
+    k = torch.randn(1, 2, 80, 32)  # 5 groups per head: the last tile is partial
+    q = torch.randn(1, 4, 2, 32)
+    expected, actual = ref.encode_keys(k), tri.encode_keys(k)
+    for name in ("signs", "outlier_signs", "outlier_index"):
+        assert torch.equal(actual.fields[name], expected.fields[name]), name
+    torch.testing.assert_close(
+        tri.key_scores(q, expected), ref.key_scores(q, expected), rtol=1e-4, atol=1e-4
+    )

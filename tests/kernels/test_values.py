@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvpack.kernels import values_reference, values_triton
 from kvpack.kernels.bitpack import unpack_codes
 
@@ -15,7 +14,9 @@ def _seed():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("head_dim,bits,group", [(64, 2, 32), (48, 4, 16), (128, 2, 32), (32, 4, 32)])
+@pytest.mark.parametrize(
+    "head_dim,bits,group", [(64, 2, 32), (48, 4, 16), (128, 2, 32), (32, 4, 32)]
+)
 def test_quantize_matches_reference_bit_exactly(dtype, head_dim, bits, group):
     x = torch.randn(2, 3, 21, head_dim, dtype=dtype) * 3
     expected = values_reference.quantize_values(x, bits, group)
@@ -28,7 +29,9 @@ def test_quantize_matches_reference_bit_exactly(dtype, head_dim, bits, group):
 def test_dequantization_error_is_within_half_a_step(bits):
     x = torch.randn(4, 40, 64) * 5
     fields = values_reference.quantize_values(x, bits, 32)
-    restored = values_reference.dequantize_values(fields["codes"], fields["scale"], fields["zero"], bits, 32)
+    restored = values_reference.dequantize_values(
+        fields["codes"], fields["scale"], fields["zero"], bits, 32
+    )
     step = fields["scale"].float().repeat_interleave(32, dim=-1)
     assert ((restored - x).abs() <= step / 2 + 1e-5).all()
 
@@ -40,7 +43,9 @@ def test_constant_and_zero_groups_are_exact_and_finite():
     x[0, 0, 2, 32:] = torch.linspace(-1, 1, 32)
     for impl in (values_reference, values_triton):
         fields = impl.quantize_values(x, 2, 32)
-        restored = values_reference.dequantize_values(fields["codes"], fields["scale"], fields["zero"], 2, 32)
+        restored = values_reference.dequantize_values(
+            fields["codes"], fields["scale"], fields["zero"], 2, 32
+        )
         assert torch.isfinite(restored).all()
         assert torch.equal(restored[0, 0, :2], x[0, 0, :2])
         assert torch.equal(restored[0, 0, 2, :32], x[0, 0, 2, :32])
