@@ -554,6 +554,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(markdown(results))
+    print(json.dumps({kind: sweep["chosen"] for kind, sweep in results["sweep"].items()}))
     print(json.dumps(results["targets"]))
 
 
