@@ -25,43 +25,87 @@ METHOD_FLAGS: dict[str, tuple[str, type, tuple[str, ...]]] = {
 }
 
 
-
-
 def add_parser(subparsers, name: str, help_text: str) -> None:
     inference = subparsers.add_parser(name, help=help_text, description=help_text)
     commands = inference.add_subparsers(dest="inference_command", required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the inference gRPC service",
-                                description="Run the kvpack.v1.Inference gRPC service.")
-    serve.add_argument("--listen", type=host_port, default="127.0.0.1:50052",
-                       help="gRPC address HOST:PORT (default %(default)s)")
-    serve.add_argument("--model", required=True,
-                       help="HF model id, local HF folder, GGUF file, or llama2.c checkpoint folder")
+    serve = commands.add_parser(
+        "serve",
+        help="run the inference gRPC service",
+        description="Run the kvpack.v1.Inference gRPC service.",
+    )
+    serve.add_argument(
+        "--listen",
+        type=host_port,
+        default="127.0.0.1:50052",
+        help="gRPC address HOST:PORT (default %(default)s)",
+    )
+    serve.add_argument(
+        "--model",
+        required=True,
+        help="HF model id, local HF folder, GGUF file, or llama2.c checkpoint folder",
+    )
     serve.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
-    serve.add_argument("--kvstore", default="none",
-                       help="kvstore HOST:PORT for prefix sharing, or none (default %(default)s)")
+    serve.add_argument(
+        "--kvstore",
+        default="none",
+        help="kvstore HOST:PORT for prefix sharing, or none (default %(default)s)",
+    )
     serve.add_argument("--kvstore-token", default=None, help="bearer token of the kvstore")
-    serve.add_argument("--method", default="fp16",
-                       help="default compression method: fp16|kivi|qjl|kvquant (default %(default)s)")
+    serve.add_argument(
+        "--method",
+        default="fp16",
+        help="default compression method: fp16|kivi|qjl|kvquant (default %(default)s)",
+    )
     for dest, (param, kind, methods) in METHOD_FLAGS.items():
-        serve.add_argument(f"--{dest.replace('_', '-')}", dest=dest, type=kind, default=None,
-                           help=f"codec parameter {param} of {'/'.join(methods)}")
-    serve.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                       help="(default %(default)s)")
-    serve.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                       help="model and cache dtype (default float32 on cpu, bfloat16 on cuda)")
-    serve.add_argument("--block-tokens", type=positive_int, default=256,
-                       help="tokens per kvstore block (default %(default)s)")
-    serve.add_argument("--prefill-chunk-tokens", type=positive_int, default=256,
-                       help="prompt tokens per prefill step (default %(default)s)")
-    serve.add_argument("--max-batch", type=positive_int, default=8,
-                       help="sequences decoded together (default %(default)s)")
-    serve.add_argument("--max-queue", type=positive_int, default=32,
-                       help="requests waiting beyond the batch before RESOURCE_EXHAUSTED "
-                            "(default %(default)s)")
-    serve.add_argument("--metrics-port", type=non_negative_int, default=9102,
-                       help="Prometheus /metrics port (default %(default)s)")
-    serve.add_argument("--token", default=None,
-                       help="shared secret; clients send 'authorization: Bearer TOKEN'")
+        serve.add_argument(
+            f"--{dest.replace('_', '-')}",
+            dest=dest,
+            type=kind,
+            default=None,
+            help=f"codec parameter {param} of {'/'.join(methods)}",
+        )
+    serve.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="(default %(default)s)"
+    )
+    serve.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default=None,
+        help="model and cache dtype (default float32 on cpu, bfloat16 on cuda)",
+    )
+    serve.add_argument(
+        "--block-tokens",
+        type=positive_int,
+        default=256,
+        help="tokens per kvstore block (default %(default)s)",
+    )
+    serve.add_argument(
+        "--prefill-chunk-tokens",
+        type=positive_int,
+        default=256,
+        help="prompt tokens per prefill step (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=8,
+        help="sequences decoded together (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=32,
+        help="requests waiting beyond the batch before RESOURCE_EXHAUSTED (default %(default)s)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=non_negative_int,
+        default=9102,
+        help="Prometheus /metrics port (default %(default)s)",
+    )
+    serve.add_argument(
+        "--token", default=None, help="shared secret; clients send 'authorization: Bearer TOKEN'"
+    )
     serve.set_defaults(run=run_serve, parser=serve)
 
 
@@ -72,8 +116,10 @@ def method_params(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         if value is None:
             continue
         if args.method not in methods:
-            parser.error(f"--{dest.replace('_', '-')} applies to {'/'.join(methods)}, "
-                         f"not --method {args.method}")
+            parser.error(
+                f"--{dest.replace('_', '-')} applies to {'/'.join(methods)}, "
+                f"not --method {args.method}"
+            )
         params[param] = value
     return params
 
@@ -85,18 +131,30 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     kvstore = None if args.kvstore.lower() == "none" else host_port(args.kvstore)
     config = InferenceConfig(
-        listen=args.listen, model=args.model, gguf_file=args.gguf_file, device=args.device,
+        listen=args.listen,
+        model=args.model,
+        gguf_file=args.gguf_file,
+        device=args.device,
         dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
-        kvstore=kvstore, kvstore_token=args.kvstore_token, method=args.method,
-        method_params=params, block_tokens=args.block_tokens,
-        prefill_chunk_tokens=args.prefill_chunk_tokens, max_batch=args.max_batch,
-        max_queue=args.max_queue, metrics_port=args.metrics_port, token=args.token)
+        kvstore=kvstore,
+        kvstore_token=args.kvstore_token,
+        method=args.method,
+        method_params=params,
+        block_tokens=args.block_tokens,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        metrics_port=args.metrics_port,
+        token=args.token,
+    )
     try:
         server = InferenceServer(config)
     except (ValueError, OSError) as error:
         raise SystemExit(f"kvpack inference serve: {error}") from None
-    print(f"inference: gRPC on {server.address}, model {server.loaded.model_id}, "
-          f"method {args.method}, metrics on http://0.0.0.0:{server.metrics_port}/metrics",
-          flush=True)
+    print(
+        f"inference: gRPC on {server.address}, model {server.loaded.model_id}, "
+        f"method {args.method}, metrics on http://0.0.0.0:{server.metrics_port}/metrics",
+        flush=True,
+    )
     serve_until_signalled("inference", server.stop)
     return 0

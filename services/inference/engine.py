@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 from kvpack.inference.kv_cache import SequenceCache
 from kvpack.inference.loader import LoadedModel
 from kvpack.inference.methods import PRE_ROPE_METHODS, MethodSpec, build_layer_codecs
@@ -161,7 +160,8 @@ class Engine:
         with self._codecs_lock:
             if method not in self._codecs:
                 self._codecs[method] = build_layer_codecs(
-                    method, num_layers=self.runner.num_layers, head_dim=self.runner.head_dim)
+                    method, num_layers=self.runner.num_layers, head_dim=self.runner.head_dim
+                )
             return self._codecs[method]
 
     # -- caller side -------------------------------------------------------------------------
@@ -181,16 +181,24 @@ class Engine:
         if any(not 0 <= token < vocab_size for token in prompt):
             raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab_size})")
         if len(prompt) >= self.max_context_tokens:
-            raise ValueError(f"prompt: {len(prompt)} tokens; this model holds at most "
-                             f"{self.max_context_tokens - 1} prompt tokens")
+            raise ValueError(
+                f"prompt: {len(prompt)} tokens; this model holds at most "
+                f"{self.max_context_tokens - 1} prompt tokens"
+            )
         method = request.method or self.default_method
         codecs = self.codecs_for(method)
         capacity = min(len(prompt) + request.sampling.max_new_tokens, self.max_context_tokens)
 
         def new_cache() -> SequenceCache:
-            return SequenceCache(codecs, num_kv_heads=runner.num_kv_heads, head_dim=runner.head_dim,
-                                 dtype=runner.dtype, device=runner.device, capacity=capacity,
-                                 pre_rope_keys=method.name in PRE_ROPE_METHODS)
+            return SequenceCache(
+                codecs,
+                num_kv_heads=runner.num_kv_heads,
+                head_dim=runner.head_dim,
+                dtype=runner.dtype,
+                device=runner.device,
+                capacity=capacity,
+                pre_rope_keys=method.name in PRE_ROPE_METHODS,
+            )
 
         cache = new_cache()
         namespace = layout = None
@@ -203,12 +211,20 @@ class Engine:
             blocks = self.prefix_store.fetch_prefix(prompt, namespace, layout)
             cache, cached = self._load_blocks(cache, new_cache, blocks)
         sequence = _Sequence(
-            handle=RequestHandle(), request=request, method=method, cache=cache,
+            handle=RequestHandle(),
+            request=request,
+            method=method,
+            cache=cache,
             generator=make_generator(request.sampling, runner.device),
             text=TextStream(self.loaded.tokenizer.decode, request.sampling.stop),
-            arrival=arrival, cached_tokens=cached, namespace=namespace, layout=layout,
-            block_hashes=hashes, position=cached,
-            next_block=cached // self.prefix_store.block_tokens if self.prefix_store else 0)
+            arrival=arrival,
+            cached_tokens=cached,
+            namespace=namespace,
+            layout=layout,
+            block_hashes=hashes,
+            position=cached,
+            next_block=cached // self.prefix_store.block_tokens if self.prefix_store else 0,
+        )
         self.metrics.prompt_tokens.inc(len(prompt))
         try:
             self._queue.put_nowait(sequence)
@@ -220,10 +236,15 @@ class Engine:
     def _layout(self, codec: KVCodec) -> BlockLayout:
         runner = self.runner
         return BlockLayout(
-            model_id=self.loaded.model_id, codec_name=codec.name,
-            codec_fingerprint=codec.fingerprint(), dtype=str(runner.dtype),
-            num_layers=runner.num_layers, num_kv_heads=runner.num_kv_heads,
-            head_dim=runner.head_dim, block_tokens=self.prefix_store.block_tokens)
+            model_id=self.loaded.model_id,
+            codec_name=codec.name,
+            codec_fingerprint=codec.fingerprint(),
+            dtype=str(runner.dtype),
+            num_layers=runner.num_layers,
+            num_kv_heads=runner.num_kv_heads,
+            head_dim=runner.head_dim,
+            block_tokens=self.prefix_store.block_tokens,
+        )
 
     def _load_blocks(self, cache: SequenceCache, new_cache, blocks) -> tuple[SequenceCache, int]:
         """Append fetched blocks to an empty cache; returns the cache and the tokens loaded.
@@ -317,11 +338,17 @@ class Engine:
             return
         block_tokens = self.prefix_store.block_tokens
         num_packed = sequence.cache.num_packed_tokens
-        while (sequence.next_block < len(sequence.block_hashes)
-               and (sequence.next_block + 1) * block_tokens <= num_packed):
+        while (
+            sequence.next_block < len(sequence.block_hashes)
+            and (sequence.next_block + 1) * block_tokens <= num_packed
+        ):
             self.prefix_store.put_block(
-                sequence.namespace, sequence.block_hashes[sequence.next_block],
-                sequence.cache.layers, sequence.next_block * block_tokens, sequence.layout)
+                sequence.namespace,
+                sequence.block_hashes[sequence.next_block],
+                sequence.cache.layers,
+                sequence.next_block * block_tokens,
+                sequence.layout,
+            )
             sequence.next_block += 1
 
     def _decode_step(self, sequences: list[_Sequence]) -> None:
@@ -345,7 +372,8 @@ class Engine:
             self.metrics.ttft_seconds.labels(method=method_name).observe(now - sequence.arrival)
         else:
             self.metrics.time_per_output_token_seconds.labels(method=method_name).observe(
-                now - sequence.last_token_at)
+                now - sequence.last_token_at
+            )
         sequence.last_token_at = now
         self.metrics.generated_tokens.labels(method=method_name).inc()
         if token in self.eos_token_ids:
@@ -363,7 +391,9 @@ class Engine:
             return
         sequence.handle.events.put(Delta(delta, [token]))
 
-    def _finish(self, sequence: _Sequence, reason: str, text: str, token: int | None = None) -> None:
+    def _finish(
+        self, sequence: _Sequence, reason: str, text: str, token: int | None = None
+    ) -> None:
         if text or token is not None:
             sequence.handle.events.put(Delta(text, [] if token is None else [token]))
         num_generated = len(sequence.generated)
@@ -377,7 +407,9 @@ class Engine:
             compression_ratio=sequence.cache.compression_ratio(),
             finish_reason=reason,
         )
-        self.metrics.compression_ratio.labels(method=sequence.method.name).set(usage.compression_ratio)
+        self.metrics.compression_ratio.labels(method=sequence.method.name).set(
+            usage.compression_ratio
+        )
         self.metrics.requests.labels(outcome="ok").inc()
         sequence.handle.events.put(Done(usage))
         self._active.remove(sequence)
@@ -387,6 +419,12 @@ class Engine:
 def describe(engine: Engine) -> dict[str, Any]:
     """What the server logs at startup."""
     runner = engine.runner
-    return {"model": engine.loaded.model_id, "layers": runner.num_layers, "heads": runner.num_heads,
-            "kv_heads": runner.num_kv_heads, "head_dim": runner.head_dim,
-            "method": engine.default_method.name, "device": str(runner.device)}
+    return {
+        "model": engine.loaded.model_id,
+        "layers": runner.num_layers,
+        "heads": runner.num_heads,
+        "kv_heads": runner.num_kv_heads,
+        "head_dim": runner.head_dim,
+        "method": engine.default_method.name,
+        "device": str(runner.device),
+    }

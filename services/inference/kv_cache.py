@@ -13,19 +13,28 @@ into an empty cache with `append_block`, bit-identical to the cache they came fr
 from __future__ import annotations
 
 import torch
-
 from kvpack.kernels.codec import KVCodec
 
 
 class LayerCache:
     """One layer of one sequence (batch 1)."""
 
-    def __init__(self, codec: KVCodec, *, num_kv_heads: int, dtype: torch.dtype,
-                 device: torch.device, capacity: int, pre_rope_keys: bool) -> None:
+    def __init__(
+        self,
+        codec: KVCodec,
+        *,
+        num_kv_heads: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        capacity: int,
+        pre_rope_keys: bool,
+    ) -> None:
         self.codec = codec
         self.pre_rope_keys = pre_rope_keys
         self.keys = codec.new_keys(1, num_kv_heads, dtype=dtype, device=device, capacity=capacity)
-        self.values = codec.new_values(1, num_kv_heads, dtype=dtype, device=device, capacity=capacity)
+        self.values = codec.new_values(
+            1, num_kv_heads, dtype=dtype, device=device, capacity=capacity
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -37,7 +46,7 @@ class LayerCache:
         return min(_packed(self.codec, self.keys), _packed(self.codec, self.values))
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None) -> None:
-        """Add keys/values [1, H_kv, T, D] of the next T tokens (positions [T] for pre-RoPE codecs)."""
+        """Add keys/values [1, H_kv, T, D] of the next T tokens (positions [T]: pre-RoPE codecs)."""
         self.codec.append_keys(self.keys, k, positions if self.pre_rope_keys else None)
         self.codec.append_values(self.values, v)
 
@@ -53,14 +62,17 @@ class LayerCache:
             first = total - num_new_tokens
             query_positions = torch.arange(first, first + num_queries, device=q.device)
             key_positions = torch.arange(total, device=q.device)
-            scores = scores.masked_fill(key_positions[None, :] > query_positions[:, None],
-                                        float("-inf"))
+            scores = scores.masked_fill(
+                key_positions[None, :] > query_positions[:, None], float("-inf")
+            )
         probabilities = torch.softmax(scores, dim=-1).to(q.dtype)
         return self.codec.attend_values(probabilities, self.values).to(q.dtype)
 
     def block_bytes(self, start: int, end: int) -> tuple[bytes, bytes]:
-        return (self.codec.block_to_bytes(self.keys, start, end),
-                self.codec.block_to_bytes(self.values, start, end))
+        return (
+            self.codec.block_to_bytes(self.keys, start, end),
+            self.codec.block_to_bytes(self.values, start, end),
+        )
 
     def load_block(self, key_bytes: bytes, value_bytes: bytes) -> None:
         self.codec.append_block(self.keys, key_bytes)
@@ -79,12 +91,26 @@ def _packed(codec: KVCodec, container) -> int:
 class SequenceCache:
     """All layers of one sequence, with the byte accounting the usage report needs."""
 
-    def __init__(self, codecs: list[KVCodec], *, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, capacity: int,
-                 pre_rope_keys: bool = False) -> None:
+    def __init__(
+        self,
+        codecs: list[KVCodec],
+        *,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        capacity: int,
+        pre_rope_keys: bool = False,
+    ) -> None:
         self.layers = [
-            LayerCache(codec, num_kv_heads=num_kv_heads, dtype=dtype, device=device,
-                       capacity=capacity, pre_rope_keys=pre_rope_keys)
+            LayerCache(
+                codec,
+                num_kv_heads=num_kv_heads,
+                dtype=dtype,
+                device=device,
+                capacity=capacity,
+                pre_rope_keys=pre_rope_keys,
+            )
             for codec in codecs
         ]
         self.num_kv_heads = num_kv_heads

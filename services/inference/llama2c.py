@@ -69,7 +69,9 @@ def load_llama2c_model(checkpoint: str | Path, dtype: torch.dtype = torch.float3
         nonlocal offset
         count = int(np.prod(shape))
         if offset + count > floats.size:
-            raise ValueError(f"checkpoint {checkpoint}: truncated (needs more than {floats.size} floats)")
+            raise ValueError(
+                f"checkpoint {checkpoint}: truncated (needs more than {floats.size} floats)"
+            )
         array = floats[offset : offset + count].reshape(shape)
         offset += count
         return torch.from_numpy(array.copy())
@@ -89,7 +91,9 @@ def load_llama2c_model(checkpoint: str | Path, dtype: torch.dtype = torch.float3
     take(max_seq_len, head_dim // 2)  # freq_cis_imag
     classifier = embedding if shared_classifier else take(vocab_size, dim)
     if offset != floats.size:
-        raise ValueError(f"checkpoint {checkpoint}: {floats.size - offset} unexpected trailing floats")
+        raise ValueError(
+            f"checkpoint {checkpoint}: {floats.size - offset} unexpected trailing floats"
+        )
 
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -108,14 +112,19 @@ def load_llama2c_model(checkpoint: str | Path, dtype: torch.dtype = torch.float3
         attention_bias=False,
         mlp_bias=False,
     )
-    state = {"model.embed_tokens.weight": embedding, "model.norm.weight": rms_final,
-             "lm_head.weight": classifier}
+    state = {
+        "model.embed_tokens.weight": embedding,
+        "model.norm.weight": rms_final,
+        "lm_head.weight": classifier,
+    }
     for layer in range(num_layers):
         prefix = f"model.layers.{layer}."
         state[prefix + "input_layernorm.weight"] = rms_attention[layer]
         state[prefix + "post_attention_layernorm.weight"] = rms_ffn[layer]
         state[prefix + "self_attn.q_proj.weight"] = _interleaved_to_half_split(wq[layer], num_heads)
-        state[prefix + "self_attn.k_proj.weight"] = _interleaved_to_half_split(wk[layer], num_kv_heads)
+        state[prefix + "self_attn.k_proj.weight"] = _interleaved_to_half_split(
+            wk[layer], num_kv_heads
+        )
         state[prefix + "self_attn.v_proj.weight"] = wv[layer]
         state[prefix + "self_attn.o_proj.weight"] = wo[layer]
         state[prefix + "mlp.gate_proj.weight"] = w1[layer]
@@ -184,7 +193,7 @@ class Llama2cTokenizer:
         return ids + tokens
 
     def decode(self, token_ids: list[int], *, skip_special_tokens: bool = True) -> str:
-        """Text of `token_ids`; as in run.c, the dummy-prefix space of the piece after BOS is dropped."""
+        """Text of `token_ids`; as in run.c, the dummy-prefix space of the piece after BOS goes."""
         out = bytearray()
         previous = -1
         for token_id in token_ids:

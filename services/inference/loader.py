@@ -51,7 +51,9 @@ def _find_llama2c(path: Path) -> tuple[Path, Path] | None:
         return None
     tokenizers = sorted(folder.glob("tok*.bin"))
     if not tokenizers:
-        raise ValueError(f"model {path}: llama2.c checkpoint without a tok*.bin tokenizer beside it")
+        raise ValueError(
+            f"model {path}: llama2.c checkpoint without a tok*.bin tokenizer beside it"
+        )
     return checkpoint, tokenizers[0]
 
 
@@ -116,7 +118,10 @@ def load_model(
         kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
         config = AutoConfig.from_pretrained(model, **kwargs)
         check_architecture(config)
-        hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, **kwargs)
+        # passing the parsed config spares a second read of a GGUF file's metadata
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            model, config=config, dtype=torch_dtype, **kwargs
+        )
         tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(model, **kwargs))
         model_id = gguf_file or (path.resolve().name if path.exists() else model)
     check_architecture(hf_model.config)

@@ -1,4 +1,4 @@
-"""Compression methods as the engine sees them: a name plus codec parameters -> one codec per layer."""
+"""Compression methods as the engine sees them: name + codec parameters -> one codec per layer."""
 
 from __future__ import annotations
 
@@ -45,7 +45,9 @@ def build_layer_codecs(spec: MethodSpec, *, num_layers: int, head_dim: int) -> l
         ValueError: unknown method, or parameters the codec rejects (the message names them).
     """
     if spec.name not in available_methods():
-        raise ValueError(f"unknown method {spec.name!r}; available: {', '.join(available_methods())}")
+        raise ValueError(
+            f"unknown method {spec.name!r}; available: {', '.join(available_methods())}"
+        )
     try:
         codec = make_codec(spec.name, head_dim=head_dim, **dict(spec.params))
     except TypeError as error:  # an unexpected keyword argument

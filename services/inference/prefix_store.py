@@ -1,13 +1,14 @@
-"""Prefix reuse through the kvstore: fetch packed prompt blocks, and store new ones in the background.
+"""Prefix reuse through the kvstore: fetch packed prompt blocks, store new ones in the background.
 
 A block is `block_tokens` prompt tokens; its key is the chained hash of the tokens up to its end
 (kvpack.common.hashing), in the namespace model id + codec fingerprint + tenant. Its value is one
-record (kvpack.common.record): for every layer, the packed keys then the packed values of that block,
-exactly as `codec.to_bytes` wrote them, with their sizes in the header.
+record (kvpack.common.record): for every layer, the packed keys then the packed values of that
+block, exactly as `codec.block_to_bytes` wrote them, with their sizes in the header.
 
 Every store failure (down, slow, a record that fails verification or does not fit this model and
-codec) degrades to recomputation: `fetch_prefix` stops at the first bad block and the caller computes
-the rest. Puts run on a background thread behind a bounded queue, so they never delay a token.
+codec) degrades to recomputation: `fetch_prefix` stops at the first bad block and the caller
+computes the rest. Puts run on a background thread behind a bounded queue, so they never delay a
+token.
 """
 
 from __future__ import annotations
@@ -51,8 +52,14 @@ def namespace_of(model_id: str, codec: KVCodec, tenant: str) -> str:
 class PrefixStore:
     """Reads and writes prompt blocks of one model in a kvstore."""
 
-    def __init__(self, client: Any, *, block_tokens: int, metrics: InferenceMetrics,
-                 max_pending_puts: int = 256) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        block_tokens: int,
+        metrics: InferenceMetrics,
+        max_pending_puts: int = 256,
+    ) -> None:
         if block_tokens <= 0:
             raise ValueError(f"block_tokens must be positive, got {block_tokens}")
         self.client = client
@@ -73,8 +80,9 @@ class PrefixStore:
             self.metrics.kvstore_request_seconds.labels(op=op).observe(time.perf_counter() - start)
 
     # -- read path ---------------------------------------------------------------------------
-    def fetch_prefix(self, token_ids: list[int], namespace: str,
-                     layout: BlockLayout) -> list[list[tuple[bytes, bytes]]]:
+    def fetch_prefix(
+        self, token_ids: list[int], namespace: str, layout: BlockLayout
+    ) -> list[list[tuple[bytes, bytes]]]:
         """Verified payloads of the longest stored run of leading full blocks of `token_ids`.
 
         Each block is, per layer, (key bytes, value bytes) for `append_block`. Only blocks that end
@@ -109,15 +117,23 @@ class PrefixStore:
                 break
         return blocks
 
-    def _split_block(self, data: bytes, namespace: str,
-                     layout: BlockLayout) -> list[tuple[bytes, bytes]]:
+    def _split_block(
+        self, data: bytes, namespace: str, layout: BlockLayout
+    ) -> list[tuple[bytes, bytes]]:
         header, payload = record.decode(data, namespace)
-        expected = {"kind": RECORD_KIND, "model": layout.model_id,
-                    "fingerprint": layout.codec_fingerprint}
+        expected = {
+            "kind": RECORD_KIND,
+            "model": layout.model_id,
+            "fingerprint": layout.codec_fingerprint,
+        }
         got = {key: header.extra.get(key) for key in expected}
-        if (got != expected or header.codec != layout.codec_name or header.dtype != layout.dtype
-                or header.token_count != layout.block_tokens
-                or header.shapes.get("kv") != self._kv_shape(layout)):
+        if (
+            got != expected
+            or header.codec != layout.codec_name
+            or header.dtype != layout.dtype
+            or header.token_count != layout.block_tokens
+            or header.shapes.get("kv") != self._kv_shape(layout)
+        ):
             raise ValueError(f"record does not fit this model/codec: {header}")
         sizes = header.extra["sizes"]
         if len(sizes) != layout.num_layers or sum(map(sum, sizes)) != len(payload):
@@ -126,7 +142,9 @@ class PrefixStore:
         offset = 0
         for key_bytes, value_bytes in sizes:
             middle = offset + key_bytes
-            parts.append((bytes(payload[offset:middle]), bytes(payload[middle : middle + value_bytes])))
+            parts.append(
+                (bytes(payload[offset:middle]), bytes(payload[middle : middle + value_bytes]))
+            )
             offset = middle + value_bytes
         return parts
 
@@ -141,8 +159,14 @@ class PrefixStore:
             log.warning("kvstore %s, recomputing: %s", reason, error)
 
     # -- write path --------------------------------------------------------------------------
-    def put_block(self, namespace: str, block_hash: bytes, layers: list[LayerCache], start: int,
-                  layout: BlockLayout) -> None:
+    def put_block(
+        self,
+        namespace: str,
+        block_hash: bytes,
+        layers: list[LayerCache],
+        start: int,
+        layout: BlockLayout,
+    ) -> None:
         """Queue tokens [start, start + block_tokens) of `layers` for storage.
 
         The tokens must be in the packed region, whose rows never change again, so the writer
@@ -163,7 +187,9 @@ class PrefixStore:
             namespace, block_hash, layers, start, layout = job
             try:
                 data = self._encode_block(namespace, layers, start, layout)
-                self._timed("put", lambda: self.client.put(namespace, block_hash, data))
+                self._timed(
+                    "put", lambda n=namespace, h=block_hash, d=data: self.client.put(n, h, d)
+                )
                 self.metrics.kvstore_put_blocks.inc()
             except StoreError as error:
                 self.count_fallback("put_failed", error)
@@ -171,8 +197,9 @@ class PrefixStore:
                 self.metrics.kvstore_errors.labels(reason="put_failed").inc()
                 log.exception("storing a block failed")
 
-    def _encode_block(self, namespace: str, layers: list[LayerCache], start: int,
-                      layout: BlockLayout) -> bytes:
+    def _encode_block(
+        self, namespace: str, layers: list[LayerCache], start: int, layout: BlockLayout
+    ) -> bytes:
         parts: list[bytes] = []
         sizes: list[list[int]] = []
         for layer in layers:
@@ -180,13 +207,23 @@ class PrefixStore:
             parts += [key_bytes, value_bytes]
             sizes.append([len(key_bytes), len(value_bytes)])
         payload = b"".join(parts)
-        num_elements = 2 * layout.num_layers * layout.num_kv_heads * layout.block_tokens * layout.head_dim
+        num_elements = (
+            2 * layout.num_layers * layout.num_kv_heads * layout.block_tokens * layout.head_dim
+        )
         header = record.RecordHeader.for_namespace(
-            namespace, codec=layout.codec_name, dtype=layout.dtype,
+            namespace,
+            codec=layout.codec_name,
+            dtype=layout.dtype,
             shapes={"kv": self._kv_shape(layout)},
-            bits_per_element=8 * len(payload) / num_elements, token_count=layout.block_tokens,
-            extra={"kind": RECORD_KIND, "model": layout.model_id,
-                   "fingerprint": layout.codec_fingerprint, "sizes": sizes})
+            bits_per_element=8 * len(payload) / num_elements,
+            token_count=layout.block_tokens,
+            extra={
+                "kind": RECORD_KIND,
+                "model": layout.model_id,
+                "fingerprint": layout.codec_fingerprint,
+                "sizes": sizes,
+            },
+        )
         return record.encode(header, payload)
 
     def close(self) -> None:

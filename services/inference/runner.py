@@ -13,9 +13,8 @@ Two entry points:
 from __future__ import annotations
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
 from kvpack.inference.kv_cache import SequenceCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 class ModelRunner:
@@ -36,10 +35,13 @@ class ModelRunner:
         return self.model.model.rotary_emb(hidden, positions)
 
     @torch.inference_mode()
-    def prefill(self, cache: SequenceCache, token_ids: torch.Tensor, start_position: int) -> torch.Tensor:
+    def prefill(
+        self, cache: SequenceCache, token_ids: torch.Tensor, start_position: int
+    ) -> torch.Tensor:
         """Run tokens [T] at positions start_position.. of one sequence; returns last logits [V]."""
-        positions = torch.arange(start_position, start_position + token_ids.numel(),
-                                 device=self.device)[None, :]
+        positions = torch.arange(
+            start_position, start_position + token_ids.numel(), device=self.device
+        )[None, :]
         hidden = self.model.model.embed_tokens(token_ids[None, :])
         cos, sin = self._rotary(hidden, positions)
         for layer_index, layer in enumerate(self.layers):
@@ -48,8 +50,9 @@ class ModelRunner:
         return self.model.lm_head(hidden)[0, -1].float()
 
     @torch.inference_mode()
-    def decode(self, caches: list[SequenceCache], token_ids: torch.Tensor,
-               positions: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, caches: list[SequenceCache], token_ids: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         """One step for N sequences: token_ids [N], positions [N]; returns logits [N, V]."""
         positions = positions[:, None]
         hidden = self.model.model.embed_tokens(token_ids[:, None])
@@ -74,8 +77,9 @@ class ModelRunner:
             layer_cache = cache.layers[layer_index]
             # KVQuant-style codecs keep pre-RoPE keys and rotate inside their score kernel.
             stored_keys = k if layer_cache.pre_rope_keys else k_rotated
-            layer_cache.append(stored_keys[index : index + 1], v[index : index + 1],
-                               positions[index])
+            layer_cache.append(
+                stored_keys[index : index + 1], v[index : index + 1], positions[index]
+            )
             outputs.append(layer_cache.attend(q_rotated[index : index + 1], self.scaling, length))
         attended = torch.cat(outputs, dim=0).transpose(1, 2).reshape(batch, length, -1)
         hidden = residual + attention.o_proj(attended)

@@ -49,32 +49,47 @@ class InferenceServer:
     def __init__(self, config: InferenceConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         self.loaded = loaded or load_model(
-            config.model, gguf_file=config.gguf_file, device=config.device, dtype=config.dtype)
+            config.model, gguf_file=config.gguf_file, device=config.device, dtype=config.dtype
+        )
         self.metrics = InferenceMetrics()
         self.prefix_store = None
         if config.kvstore:
             from kvpack.kvstore.client import KVStoreClient
 
             # Short deadlines: a slow store must cost little before we recompute instead.
-            client = KVStoreClient(config.kvstore, token=config.kvstore_token, timeout_seconds=1.0,
-                                   retries=1)
-            self.prefix_store = PrefixStore(client, block_tokens=config.block_tokens,
-                                            metrics=self.metrics)
+            client = KVStoreClient(
+                config.kvstore, token=config.kvstore_token, timeout_seconds=1.0, retries=1
+            )
+            self.prefix_store = PrefixStore(
+                client, block_tokens=config.block_tokens, metrics=self.metrics
+            )
         self.engine = Engine(
-            self.loaded, default_method=MethodSpec.of(config.method, config.method_params),
-            prefix_store=self.prefix_store, metrics=self.metrics, max_batch=config.max_batch,
-            max_queue=config.max_queue, prefill_chunk_tokens=config.prefill_chunk_tokens)
+            self.loaded,
+            default_method=MethodSpec.of(config.method, config.method_params),
+            prefix_store=self.prefix_store,
+            metrics=self.metrics,
+            max_batch=config.max_batch,
+            max_queue=config.max_queue,
+            prefill_chunk_tokens=config.prefill_chunk_tokens,
+        )
         self.grpc = GrpcServer(
             config.listen,
-            [(inference_pb2_grpc.add_InferenceServicer_to_server, InferenceServicer(self.engine),
-              SERVICE_NAME)],
+            [
+                (
+                    inference_pb2_grpc.add_InferenceServicer_to_server,
+                    InferenceServicer(self.engine),
+                    SERVICE_NAME,
+                )
+            ],
             token=config.token,
             # every queued or active stream holds a worker thread while it waits
             max_workers=config.max_batch + config.max_queue + 4,
         )
         self.metrics_endpoint = (
             MetricsEndpoint(self.metrics.registry, config.metrics_port, config.metrics_host)
-            if config.metrics_port is not None else None)
+            if config.metrics_port is not None
+            else None
+        )
         self.grpc.start()
         self.grpc.set_serving(True)
         log.info("inference serving %s", describe(self.engine))
@@ -94,4 +109,3 @@ class InferenceServer:
             self.prefix_store.close()
         if self.metrics_endpoint:
             self.metrics_endpoint.close()
-

@@ -7,7 +7,6 @@ import math
 from typing import Any
 
 import grpc
-
 from kvpack.inference.engine import Delta, Done, Engine, GenerationRequest, Overloaded
 from kvpack.inference.methods import MethodSpec
 from kvpack.inference.sampling import SamplingParams
@@ -19,7 +18,7 @@ MAX_STOP_STRINGS = 16
 
 
 def parse_param_value(text: str) -> Any:
-    """Codec parameters travel as strings: "4" -> 4, "0.5" -> 0.5, "true" -> True, else the string."""
+    """Codec parameters travel as strings: "4" -> 4, "0.5" -> 0.5, "true" -> True, else str."""
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -50,8 +49,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             self.engine.codecs_for(method)
         except (ValueError, TypeError) as error:
-            field = "method_params" if request.method_params and "unknown method" not in str(error) \
+            field = (
+                "method_params"
+                if request.method_params and "unknown method" not in str(error)
                 else "method"
+            )
             raise InvalidField(field, str(error)) from None
         return method
 
@@ -104,12 +106,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     yield inference_pb2.GenerateResponse(text=event.text, token_ids=event.token_ids)
                 elif isinstance(event, Done):
                     usage = event.usage
-                    yield inference_pb2.GenerateResponse(usage=inference_pb2.Usage(
-                        prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
-                        completion_tokens=usage.completion_tokens,
-                        ttft_seconds=usage.ttft_seconds, tokens_per_second=usage.tokens_per_second,
-                        compression_ratio=usage.compression_ratio,
-                        finish_reason=usage.finish_reason, method=generation.method.name))
+                    yield inference_pb2.GenerateResponse(
+                        usage=inference_pb2.Usage(
+                            prompt_tokens=usage.prompt_tokens,
+                            cached_tokens=usage.cached_tokens,
+                            completion_tokens=usage.completion_tokens,
+                            ttft_seconds=usage.ttft_seconds,
+                            tokens_per_second=usage.tokens_per_second,
+                            compression_ratio=usage.compression_ratio,
+                            finish_reason=usage.finish_reason,
+                            method=generation.method.name,
+                        )
+                    )
         except RuntimeError as error:
             context.abort(grpc.StatusCode.INTERNAL, str(error))
         finally:

@@ -19,7 +19,7 @@ class TextStream:
         self.stopped = False
 
     def push(self, token_id: int) -> str:
-        """Add a token; return the newly released text ('' if none). Sets `stopped` on a stop string."""
+        """Add a token; return newly released text ('' if none). Sets `stopped` on a stop string."""
         self._token_ids.append(token_id)
         full = self._decode(self._token_ids)
         for stop in self._stop:
@@ -51,6 +51,6 @@ class TextStream:
         return longest
 
     def _release(self, text: str) -> str:
-        delta = text[len(self.text):] if text.startswith(self.text) else ""
+        delta = text[len(self.text) :] if text.startswith(self.text) else ""
         self.text += delta
         return delta

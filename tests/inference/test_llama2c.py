@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import torch
-
 from kvpack.inference.llama2c import Llama2cTokenizer
 
-# README: BOS + the first 511 tokens of wiki.test.raw, mean NLL from a float64-softmax numpy forward.
+# README: BOS + the first 511 tokens of wiki.test.raw, mean NLL of a float64-softmax numpy forward
 WIKI_NLL = 4.685765
 # README: greedy argmax from BOS reproduces llama2.c's documented sample, which starts like this.
-DOC_GREEDY_PREFIX = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+DOC_GREEDY_PREFIX = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+)
 
 
 def test_wiki_nll_matches_the_reference_forward(stories, shared_data):

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import time
 
-from streaming import generate
-
 from kvpack.common import record
 from kvpack.common.hashing import block_hashes
 from kvpack.kvstore.client import KVStoreClient
 from kvpack.proto import inference_pb2
+from support.streaming import generate
 
-STORY = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the "
-         "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high. "
-         "Lily asked her mom for help. Her mom said, \"Don't worry, Lily. We can help you.\" They")
+STORY = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
+    "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high. "
+    'Lily asked her mom for help. Her mom said, "Don\'t worry, Lily. We can help you." They'
+)
 BLOCK_TOKENS = 32
 
 
@@ -57,10 +58,14 @@ def test_second_request_reuses_the_prefix_and_gives_the_same_text(
 def test_compressed_blocks_load_bit_identically(tiny16, kvstore, inference_factory, connect):
     """KIVI blocks from the store give the same greedy tokens as computing the prefix (window 0 and
     prefill chunks that divide the block size keep both caches bit-identical)."""
-    server = inference_factory(tiny16, kvstore=kvstore.address, block_tokens=BLOCK_TOKENS,
-                               prefill_chunk_tokens=16, method="kivi",
-                               method_params={"bits": 2, "group_size": 16, "window": 0,
-                                              "use_triton": False})
+    server = inference_factory(
+        tiny16,
+        kvstore=kvstore.address,
+        block_tokens=BLOCK_TOKENS,
+        prefill_chunk_tokens=16,
+        method="kivi",
+        method_params={"bits": 2, "group_size": 16, "window": 0, "use_triton": False},
+    )
     stub = connect(server.address)
     first = generate(stub, prompt=STORY, max_new_tokens=12)
     wait_for(lambda: stored_blocks(server) == first.usage.prompt_tokens // BLOCK_TOKENS)
@@ -70,12 +75,17 @@ def test_compressed_blocks_load_bit_identically(tiny16, kvstore, inference_facto
     assert second.usage.compression_ratio == first.usage.compression_ratio > 1
 
 
-def test_blocks_wait_for_the_window_before_they_are_stored(tiny16, kvstore, inference_factory, connect):
+def test_blocks_wait_for_the_window_before_they_are_stored(
+    tiny16, kvstore, inference_factory, connect
+):
     """With a full-precision window, prompt blocks are stored once decoding has packed them."""
-    server = inference_factory(tiny16, kvstore=kvstore.address, block_tokens=BLOCK_TOKENS,
-                               method="kivi",
-                               method_params={"bits": 4, "group_size": 16, "window": 16,
-                                              "use_triton": False})
+    server = inference_factory(
+        tiny16,
+        kvstore=kvstore.address,
+        block_tokens=BLOCK_TOKENS,
+        method="kivi",
+        method_params={"bits": 4, "group_size": 16, "window": 16, "use_triton": False},
+    )
     stub = connect(server.address)
     first = generate(stub, prompt=STORY, max_new_tokens=40)
     num_blocks = first.usage.prompt_tokens // BLOCK_TOKENS
@@ -136,19 +146,35 @@ def test_mismatched_or_corrupt_records_are_recomputed(stories, kvstore, inferenc
     first_hash = block_hashes(prompt_ids, BLOCK_TOKENS)[0]
     with KVStoreClient(kvstore.address) as client:
         header = record.RecordHeader.for_namespace(
-            namespace, codec="fp16", dtype="torch.float32", token_count=BLOCK_TOKENS,
-            extra={"kind": "kvpack.inference.block/1", "model": stories.model_id,
-                   "fingerprint": "0000000000000000", "sizes": [[4, 4]] * 5})
+            namespace,
+            codec="fp16",
+            dtype="torch.float32",
+            token_count=BLOCK_TOKENS,
+            extra={
+                "kind": "kvpack.inference.block/1",
+                "model": stories.model_id,
+                "fingerprint": "0000000000000000",
+                "sizes": [[4, 4]] * 5,
+            },
+        )
         client.put(namespace, first_hash, record.encode(header, bytes(40)))
         result = generate(stub, prompt=STORY, max_new_tokens=10)
         assert result.usage.cached_tokens == 0 and result.token_ids == reference.token_ids
         assert server.metrics.value("kvpack_kvstore_errors_total", reason="corrupt") == 1
         # right fingerprint, garbage payload: the codec refuses it
         header = record.RecordHeader.for_namespace(
-            namespace, codec="fp16", dtype="torch.float32",
-            shapes={"kv": [5, 4, BLOCK_TOKENS, 8]}, token_count=BLOCK_TOKENS,
-            extra={"kind": "kvpack.inference.block/1", "model": stories.model_id,
-                   "fingerprint": fingerprint, "sizes": [[4, 4]] * 5})
+            namespace,
+            codec="fp16",
+            dtype="torch.float32",
+            shapes={"kv": [5, 4, BLOCK_TOKENS, 8]},
+            token_count=BLOCK_TOKENS,
+            extra={
+                "kind": "kvpack.inference.block/1",
+                "model": stories.model_id,
+                "fingerprint": fingerprint,
+                "sizes": [[4, 4]] * 5,
+            },
+        )
         client.put(namespace, first_hash, record.encode(header, bytes(40)))
         result = generate(stub, prompt=STORY, max_new_tokens=10)
         assert result.usage.cached_tokens == 0 and result.token_ids == reference.token_ids

@@ -12,15 +12,16 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from streaming import generate
-
 from kvpack.proto import inference_pb2
+from support.streaming import generate
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to"
 # 64+ tokens: enough whole groups that packed tokens outweigh the full-precision tail
-LONG_PROMPT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in "
-               "the park. One day, she saw a big, red ball. She wanted to play with it, but it was "
-               "too high. Lily asked her mom for help.")
+LONG_PROMPT = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in "
+    "the park. One day, she saw a big, red ball. She wanted to play with it, but it was "
+    "too high. Lily asked her mom for help."
+)
 
 
 def wait_for(condition, timeout_seconds: float = 10.0) -> None:
@@ -40,9 +41,16 @@ def kvquant_calibration(tmp_path_factory, tiny16, stories):
     generator = torch.Generator().manual_seed(0)
     for name, loaded in (("tiny16", tiny16), ("stories", stories)):
         sequences = torch.randint(3, 512, (2, 64), generator=generator)
-        calibration = calibrate_model(loaded.model, sequences, model_id=loaded.model_id,
-                                      bits_list=[4], outliers=0.05, sink_tokens=1,
-                                      text_sha256="random-tokens", progress=False)
+        calibration = calibrate_model(
+            loaded.model,
+            sequences,
+            model_id=loaded.model_id,
+            bits_list=[4],
+            outliers=0.05,
+            sink_tokens=1,
+            text_sha256="random-tokens",
+            progress=False,
+        )
         paths[name] = tmp_path_factory.mktemp("kvquant") / f"{name}.kvq"
         calibration.save(paths[name])
     return paths
@@ -52,8 +60,9 @@ def test_fp16_stream_equals_hf_greedy_with_usage(stories, inference_factory, con
     server = inference_factory(stories)
     result = generate(connect(server.address), prompt=PROMPT, max_new_tokens=24)
     prompt_ids = stories.tokenizer.encode(PROMPT)
-    expected = stories.model.generate(torch.tensor([prompt_ids]), max_new_tokens=24,
-                                      do_sample=False)[0, len(prompt_ids):].tolist()
+    expected = stories.model.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=24, do_sample=False
+    )[0, len(prompt_ids) :].tolist()
     assert result.token_ids == expected
     assert result.text == stories.tokenizer.decode(expected)
     assert result.num_messages > 2  # streamed, not one blob
@@ -71,8 +80,18 @@ def test_fp16_stream_equals_hf_greedy_with_usage(stories, inference_factory, con
         ("kivi", {"bits": "2", "group_size": "16", "window": "0"}),
         # NOTE: qjl's interpreted Triton kernels take about a minute here; its kernels are compared
         # with the reference path in tests/kernels, so this end-to-end run uses the reference path.
-        ("qjl", {"sketch_dim": "16", "outlier_channels": "2", "outlier_sketch_dim": "16",
-                 "group_size": "16", "window": "0", "value_bits": "2", "use_triton": "false"}),
+        (
+            "qjl",
+            {
+                "sketch_dim": "16",
+                "outlier_channels": "2",
+                "outlier_sketch_dim": "16",
+                "group_size": "16",
+                "window": "0",
+                "value_bits": "2",
+                "use_triton": "false",
+            },
+        ),
         ("kvquant", {"bits": "4", "outliers": "0.05"}),
     ],
 )
@@ -85,8 +104,9 @@ def test_compressed_methods_end_to_end_through_the_kernels(
         params = {**params, "calibration": str(kvquant_calibration["tiny16"])}
     server = inference_factory(tiny16, prefill_chunk_tokens=32)
     stub = connect(server.address)
-    result = generate(stub, prompt=LONG_PROMPT, max_new_tokens=4, method=method,
-                      method_params=params)
+    result = generate(
+        stub, prompt=LONG_PROMPT, max_new_tokens=4, method=method, method_params=params
+    )
     usage = result.usage
     assert usage.prompt_tokens >= 64
     assert usage.method == method and usage.completion_tokens == len(result.token_ids) == 4
@@ -94,14 +114,25 @@ def test_compressed_methods_end_to_end_through_the_kernels(
     assert all(0 <= token < 512 for token in result.token_ids)
 
 
-def test_kvquant_on_real_weights_tracks_fp16(stories, inference_factory, connect, kvquant_calibration):
+def test_kvquant_on_real_weights_tracks_fp16(
+    stories, inference_factory, connect, kvquant_calibration
+):
     """4-bit KVQuant on stories260K (real weights): greedy text starts like the exact cache's."""
     server = inference_factory(stories)
     stub = connect(server.address)
     exact = generate(stub, prompt=PROMPT, max_new_tokens=8)
-    quantized = generate(stub, prompt=PROMPT, max_new_tokens=8, method="kvquant",
-                         method_params={"calibration": str(kvquant_calibration["stories"]),
-                                        "bits": "4", "outliers": "0.05", "use_triton": "false"})
+    quantized = generate(
+        stub,
+        prompt=PROMPT,
+        max_new_tokens=8,
+        method="kvquant",
+        method_params={
+            "calibration": str(kvquant_calibration["stories"]),
+            "bits": "4",
+            "outliers": "0.05",
+            "use_triton": "false",
+        },
+    )
     assert quantized.usage.compression_ratio > 1.5
     assert quantized.token_ids[:2] == exact.token_ids[:2]
 
@@ -135,7 +166,14 @@ def test_malformed_requests_are_invalid_argument_naming_the_field(
 def test_concurrent_streams_all_complete_with_their_own_output(stories, inference_factory, connect):
     server = inference_factory(stories, max_batch=4, max_queue=8)
     stub = connect(server.address)
-    prompts = ["Once upon a time", "The cat", "Tom had a red ball", "One day", "The sun was", "Lily"]
+    prompts = [
+        "Once upon a time",
+        "The cat",
+        "Tom had a red ball",
+        "One day",
+        "The sun was",
+        "Lily",
+    ]
     expected = {p: generate(stub, prompt=p, max_new_tokens=30).token_ids for p in prompts}
     results: dict[str, list[int]] = {}
 
@@ -154,7 +192,8 @@ def test_concurrent_streams_all_complete_with_their_own_output(stories, inferenc
 def test_cancellation_frees_the_request_cache(tiny16, inference_factory, connect):
     server = inference_factory(tiny16)
     call = connect(server.address).Generate(
-        inference_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=2000))
+        inference_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=2000)
+    )
     next(call)
     next(call)
     assert server.metrics.value("kvpack_active_requests") == 1
@@ -163,7 +202,12 @@ def test_cancellation_frees_the_request_cache(tiny16, inference_factory, connect
     wait_for(lambda: server.metrics.value("kvpack_active_requests") == 0)
     assert server.metrics.value("kvpack_kv_cache_bytes") == 0
     # the server keeps serving
-    assert generate(connect(server.address), prompt="The dog", max_new_tokens=3).usage.completion_tokens == 3
+    assert (
+        generate(
+            connect(server.address), prompt="The dog", max_new_tokens=3
+        ).usage.completion_tokens
+        == 3
+    )
 
 
 def test_full_queue_is_resource_exhausted(tiny16, inference_factory, connect):
@@ -190,13 +234,19 @@ def test_health_reflection_and_metrics_endpoint(stories, inference_factory, conn
         status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
         assert status == health_pb2.HealthCheckResponse.SERVING
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-    responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-        list_services="")]))
+    responses = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert "kvpack.v1.Inference" in names
     channel.close()
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
-    for name in ("kvpack_ttft_seconds_bucket", "kvpack_time_per_output_token_seconds_bucket",
-                 "kvpack_kv_compression_ratio", "kvpack_prefix_hit_tokens_total",
-                 "kvpack_prefix_query_tokens_total", "kvpack_generated_tokens_total"):
+    for name in (
+        "kvpack_ttft_seconds_bucket",
+        "kvpack_time_per_output_token_seconds_bucket",
+        "kvpack_kv_compression_ratio",
+        "kvpack_prefix_hit_tokens_total",
+        "kvpack_prefix_query_tokens_total",
+        "kvpack_generated_tokens_total",
+    ):
         assert name in body, name
