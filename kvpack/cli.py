@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("kvpack.calibrate.cli", "KVQuant calibration: write a model's codebooks"),
     "inference": ("kvpack.inference.cli", "the inference service"),
     "generate": ("kvpack.inference.generate_cli", "stream a completion from an inference service"),
+    "eval": ("kvpack.eval.cli", "fidelity evaluation: perplexity and passkey retrieval"),
     "up": ("kvpack.up", "run the whole stack as local processes (embedded defaults)"),
 }
 

@@ -1,0 +1,1 @@
+"""Fidelity evaluation of KV compression methods: perplexity and passkey retrieval."""
