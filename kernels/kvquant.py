@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
-
 from kvpack.kernels import kvquant_reference as reference
 from kvpack.kernels.codec import KVCodec, register_codec, should_use_triton
 from kvpack.kernels.gqa import query_group
 from kvpack.kernels.kvquant_calibration import KVQuantCalibration
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 
 @dataclass
@@ -155,7 +154,8 @@ class KVQuantCodec(KVCodec):
     def _new(self, kind: str, batch: int, num_heads: int, device, capacity: int) -> KVQuantCache:
         if num_heads != self.calibration.num_kv_heads:
             raise ValueError(
-                f"num_heads={num_heads}, the calibration has {self.calibration.num_kv_heads} KV heads"
+                f"num_heads={num_heads}, the calibration has "
+                f"{self.calibration.num_kv_heads} KV heads"
             )
         if batch <= 0 or capacity < 0:
             raise ValueError(f"batch must be positive and capacity >= 0, got {batch}, {capacity}")

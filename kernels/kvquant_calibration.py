@@ -6,7 +6,7 @@ One safetensors file. Tensors (L layers, H KV heads, D head_dim, b each calibrat
     key.centroids.{b}          [L, 2**b]  sorted per-layer codebook in normalized units
     value.centroids.{b}        [L, 2**b]
     key.qnorm.{b}, value.qnorm.{b}  [L, 2]  Q-Norm (scale, offset): lut = centroids * scale + offset
-    rope.inv_freq              [D/2]      the model's RoPE inverse frequencies (rope_scaling applied)
+    rope.inv_freq              [D/2]      the model's RoPE inverse frequencies (scaling applied)
 
 The safetensors header's metadata holds one JSON document under "kvpack.kvquant": format version,
 model id, model config (layers, heads, head_dim, rope parameters), bits, outlier fraction, sink
@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from kvpack.kernels.kvquant_reference import check_bits
+from safetensors.torch import load_file, save_file
 
 ARTIFACT_FORMAT = 1
 METADATA_KEY = "kvpack.kvquant"

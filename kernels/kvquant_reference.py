@@ -3,7 +3,8 @@ tested against, and the CPU path of the `kvquant` codec.
 
 Quantization (research/kvquant.md §1.2-1.5):
 - keys, per channel and pre-RoPE: x_n = (k - zero_c) / scale_c with calibrated per-channel zero and
-  scale; code = nearest entry of the layer's sorted codebook; dense k^ = lut[code] * scale_c + zero_c.
+  scale; code = nearest entry of the layer's sorted codebook; dense
+  k^ = lut[code] * scale_c + zero_c.
   Elements with |x_n| > 1 are outliers; the `num_slots` largest per vector are stored sparsely as
   (channel index, fp16 k - k^) so that k^ + delta recovers them.
 - values, per token (one vector = one token of one KV head): the `num_slots` elements farthest from
@@ -16,8 +17,9 @@ Packed row layout (one token of one KV head, D channels, b bits per code, exactl
 - b = 2: D/4 bytes, channel c in byte c // 4 at bit 2 * (c % 4);
 - b = 4: D/2 bytes, channel c in byte c // 2 at bit 4 * (c % 2);
 - b = 3: a 2-bit plane laid out as b = 2 (D/4 bytes), then a 1-bit plane (D/8 bytes, channel c in
-  byte c // 8 at bit c % 8); code = low | high << 2. Two planes keep every code inside one byte, so a
-  kernel reads any channel with one or two byte loads and no straddling, and 3 bits cost 3 bits.
+  byte c // 8 at bit c % 8); code = low | high << 2. Two planes keep every code inside one
+  byte, so a kernel reads any channel with one or two byte loads (or whole int32 words) and no
+  straddling, and 3 bits cost exactly 3 bits.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from kvpack.kernels import bitpack
 
 SUPPORTED_BITS = (2, 3, 4)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from kvpack.kernels.codec import triton_interpret_enabled
 from kvpack.kernels.gqa import query_group
 
@@ -192,7 +191,8 @@ def _pack_launch(x, *, zero, scale, boundaries, lut, bits, num_slots, index_dtyp
     batch, heads, tokens, head_dim = x.shape
     x = x.contiguous() if x.stride(-1) != 1 else x
     device = x.device
-    codes = torch.empty(batch, heads, tokens, head_dim * bits // 8, dtype=torch.uint8, device=device)
+    codes = torch.empty(batch, heads, tokens, head_dim * bits // 8, dtype=torch.uint8,
+                        device=device)
     index = torch.empty(batch, heads, tokens, num_slots, dtype=index_dtype, device=device)
     delta = torch.empty(batch, heads, tokens, num_slots, dtype=torch.float16, device=device)
     token_scale = torch.empty(batch, heads, tokens, dtype=torch.float16, device=device)
@@ -288,7 +288,8 @@ def _kvquant_key_scores_kernel(
             codes1 = _load_codes(code_rows, freq, mask_t, HEAD_DIM, BITS)
             codes2 = _load_codes(code_rows, freq + HALF, mask_t, HEAD_DIM, BITS)
         k1 = tl.load(Lut_ptr + codes1)
-        k1 = k1 * tl.load(Scale_ptr + table + freq)[None, :] + tl.load(Zero_ptr + table + freq)[None, :]
+        k1 = (k1 * tl.load(Scale_ptr + table + freq)[None, :]
+              + tl.load(Zero_ptr + table + freq)[None, :])
         k2 = tl.load(Lut_ptr + codes2)
         k2 = (k2 * tl.load(Scale_ptr + table + HALF + freq)[None, :]
               + tl.load(Zero_ptr + table + HALF + freq)[None, :])

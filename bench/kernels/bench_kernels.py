@@ -351,11 +351,10 @@ def bench_context(tokens: int, device, roofline_gbps: float) -> list[dict]:
 
 
 def bench_kvquant(tokens, k, v, q, p, device, roofline_gbps) -> list[dict]:
-    """Slot for the kvquant codec's score/value/quantize timings (its author fills this in).
+    """KVQuant 2/3/4-bit score, value and quantize rows (bench_kvquant.py, beside this file)."""
+    from bench_kvquant import kvquant_rows
 
-    Return rows made with `timed(...)`; an empty list leaves kvquant out of the table.
-    """
-    return []
+    return kvquant_rows(tokens, k, v, q, p, device, roofline_gbps, timed)
 
 
 METHOD_BENCHES = [bench_kvquant]

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm import tqdm
-
 from kvpack.calibrate.fisher import LayerActivations, collect_activations
 from kvpack.calibrate.kmeans import weighted_kmeans_1d
 from kvpack.kernels import kvquant_reference as reference
 from kvpack.kernels.kvquant_calibration import KVQuantCalibration
+from tqdm import tqdm
 
 # RoPE variants whose frequencies change with the sequence length cannot be baked into a codec.
 DYNAMIC_ROPE_TYPES = {"dynamic", "longrope"}
@@ -57,7 +56,8 @@ def qnorm_constants(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tens
     return torch.stack((scale, mean_data - mean_snapped * scale)).float()
 
 
-def _codebooks(points, weights, bits_list) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+def _codebooks(points, weights, bits_list):
+    """Per bit width: (sorted centroids, Q-Norm constants)."""
     centroids, norms = {}, {}
     for bits in bits_list:
         centroids[bits] = weighted_kmeans_1d(points, weights, 1 << bits)
@@ -137,7 +137,9 @@ def model_shape(model, model_id: str) -> ModelShape:
 def model_activations(model, shape: ModelShape, sequences: torch.Tensor, *, sink_tokens: int,
                       progress: bool = True) -> list[LayerActivations]:
     if sequences.dim() != 2 or sequences.shape[1] <= sink_tokens:
-        raise ValueError(f"sequences must be [S, L] with L > sink_tokens, got {tuple(sequences.shape)}")
+        raise ValueError(
+            f"sequences must be [S, L] with L > sink_tokens, got {tuple(sequences.shape)}"
+        )
     return collect_activations(model, sequences, num_kv_heads=shape.num_kv_heads,
                                head_dim=shape.head_dim, sink_tokens=sink_tokens, progress=progress)
 

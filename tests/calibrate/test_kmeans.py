@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from kvpack.calibrate.calibrate import calibrate_layer, channel_quantiles, qnorm_constants
 from kvpack.calibrate.fisher import LayerActivations
 from kvpack.calibrate.kmeans import weighted_kmeans_1d
@@ -82,7 +81,8 @@ def test_s_squared_weighting_lowers_the_fisher_weighted_error():
     g = torch.Generator().manual_seed(4)
     tokens = 4000
     # channel 0: wide range, mass near +-0.8 of it; channel 1: narrow range, mass near 0
-    wide = torch.sign(torch.randn(tokens, generator=g)) * 0.8 + torch.randn(tokens, generator=g) * 0.05
+    wide = (torch.sign(torch.randn(tokens, generator=g)) * 0.8
+            + torch.randn(tokens, generator=g) * 0.05)
     narrow = torch.randn(tokens, generator=g) * 0.2
     keys = torch.stack((wide * 10, narrow * 0.1), dim=-1)[:, None, :]  # [N, 1, 2]
     fisher = torch.ones_like(keys)

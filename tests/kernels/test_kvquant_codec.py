@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.kvquant import default_inv_freq, keys_like, random_calibration, values_like
-
-from kvpack.kernels import make_codec
 from kvpack.kernels import kvquant_reference as reference
+from kvpack.kernels import make_codec
 from kvpack.kernels.kvquant import KVQuantCodec
+from support.kvquant import default_inv_freq, keys_like, random_calibration, values_like
 
 
 @pytest.fixture(autouse=True)
@@ -40,11 +39,13 @@ def test_triton_and_reference_paths_agree(group, head_dim, bits):
     for use_triton in (True, False):
         codec = _codec(calibration, bits=bits, use_triton=use_triton)
         keys, values = codec.encode_keys(k), codec.encode_values(v)
-        results[use_triton] = (keys, values, codec.key_scores(q, keys), codec.attend_values(p, values))
+        results[use_triton] = (keys, values, codec.key_scores(q, keys),
+                               codec.attend_values(p, values))
     (keys_t, values_t, scores_t, out_t), (keys_r, values_r, scores_r, out_r) = results.values()
     for name in keys_t.fields:
         if name == "outlier_delta":
-            torch.testing.assert_close(keys_t.used()[name], keys_r.used()[name], rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(keys_t.used()[name], keys_r.used()[name],
+                                       rtol=1e-3, atol=1e-3)
         else:
             assert torch.equal(keys_t.used()[name], keys_r.used()[name]), name
     assert torch.equal(keys_t.sink, keys_r.sink) and torch.equal(values_t.sink, values_r.sink)
@@ -90,7 +91,8 @@ def test_appending_token_by_token_equals_encoding_at_once():
     codec.append_keys(keys, k[:, :, :10], positions=torch.arange(10))
     codec.append_values(values, v[:, :, :10])
     for t in range(10, 23):
-        assert codec.append_keys(keys, k[:, :, t : t + 1], positions=torch.tensor([[t], [t]])) is keys
+        positions = torch.tensor([[t], [t]])
+        assert codec.append_keys(keys, k[:, :, t : t + 1], positions=positions) is keys
         codec.append_values(values, v[:, :, t : t + 1])
     assert codec.length(keys) == codec.length(values) == 23 and keys.capacity >= 23
     for cache, whole in ((keys, keys_all), (values, values_all)):

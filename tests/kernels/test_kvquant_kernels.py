@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.kvquant import keys_like, random_calibration, values_like
-
 from kvpack.kernels import kvquant_reference as reference
 from kvpack.kernels import kvquant_triton as triton_kernels
+from support.kvquant import keys_like, random_calibration, values_like
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +71,8 @@ def test_quantize_values_triton_matches_reference(bits, head_dim):
     args = (t["value_boundaries"], t["value_lut"], bits, num_slots)
     expected = reference.quantize_values(v, *args)
     actual = triton_kernels.quantize_values(v, *args)
-    for name, want, got in zip(("codes", "scale", "zero", "index", "delta"), expected, actual):
+    for name, want, got in zip(("codes", "scale", "zero", "index", "delta"), expected, actual,
+                              strict=True):
         if name == "delta":
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
         else:
@@ -84,7 +84,8 @@ def test_quantize_values_triton_matches_reference(bits, head_dim):
 
 def _packed_keys(calibration, bits, batch, num_tokens, seed, layer=0):
     t = _tables(calibration, bits, layer)
-    k = keys_like(calibration, layer, batch=batch, num_tokens=num_tokens, generator=_generator(seed))
+    k = keys_like(calibration, layer, batch=batch, num_tokens=num_tokens,
+                  generator=_generator(seed))
     num_slots = reference.outlier_slots(calibration.outliers, calibration.head_dim)
     packed = reference.quantize_keys(k, t["key_zero"], t["key_scale"], t["key_boundaries"],
                                      t["key_lut"], bits, num_slots)
@@ -106,7 +107,8 @@ def test_key_scores_triton_matches_reference(group, bits, head_dim, num_queries)
     q = torch.randn(2, 2 * group, num_queries, head_dim)
     dense = reference.dequantize_keys(codes, index, delta, t["key_zero"], t["key_scale"],
                                       t["key_lut"], bits, head_dim)
-    expected = reference.scores(q, reference.apply_rope(dense, torch.arange(41), t["inv_freq"], 1.0))
+    rotated = reference.apply_rope(dense, torch.arange(41), t["inv_freq"], 1.0)
+    expected = reference.scores(q, rotated)
     # the int32-word reading of the codes where the layout allows it, the byte gather always
     layouts = (True, False) if triton_kernels.words_layout_fits(head_dim, bits) else (False,)
     for token_start, words in ((0, layouts[0]), (1, layouts[-1])):

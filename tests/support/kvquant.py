@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from kvpack.kernels.kvquant_calibration import KVQuantCalibration
 
 
@@ -55,8 +54,8 @@ def keys_like(calibration: KVQuantCalibration, layer: int, batch: int, num_token
     shape = (batch, calibration.num_kv_heads, num_tokens, calibration.head_dim)
     normalized = torch.randn(shape, generator=generator) * 0.45
     spikes = torch.rand(shape, generator=generator) < outlier_rate
-    normalized = torch.where(spikes, normalized.sign() * (2 + 3 * torch.rand(shape, generator=generator)),
-                             normalized)
+    spike_size = 2 + 3 * torch.rand(shape, generator=generator)
+    normalized = torch.where(spikes, normalized.sign() * spike_size, normalized)
     return zero[None, :, None, :] + scale[None, :, None, :] * normalized
 
 
