@@ -1,0 +1,148 @@
+"""Fidelity report: every method's perplexity and bits per number on SmolLM2-135M, in one run.
+
+    python bench/eval/fidelity.py [--tokens 1024] [--workers 2]
+
+Same text, same tokens, same protocol for all (kvpack.eval.perplexity: 128-token prefill, then
+teacher-forced decode through the cache; no BOS, as DESIGN.md's anchor). KVQuant is calibrated on
+wikitext-2 valid first (cached under ~/.cache/kvpack/calibration). Methods run in worker processes
+of one thread each: on a small shared CPU, one busy thread per core beats oversubscribed BLAS.
+Writes bench/results/fidelity_smollm2.json, then rebuilds the report (bench/report/build_report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+# The CPU reference paths, not the Triton interpreter (same math, tested equal in tests/kernels).
+os.environ.pop("TRITON_INTERPRET", None)
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("KVPACK_SHARED_DATA", REPO.parent / "shared" / "data"))
+TEXT = SHARED / "text" / "wikitext-2-raw" / "wiki.test.raw"
+CALIBRATION_TEXT = SHARED / "text" / "wikitext-2" / "valid.txt"
+CALIBRATION = Path.home() / ".cache" / "kvpack" / "calibration" / "smollm2-wt2valid-4096.safetensors"
+OUT = REPO / "bench" / "results" / "fidelity_smollm2.json"
+
+# (label, method, params); the QJL sizes are picked for ~3.3 and ~4.3 bits at head_dim 64.
+METHODS: list[tuple[str, str, dict]] = [
+    ("fp16", "fp16", {}),
+    ("KIVI-2", "kivi", {"bits": 2}),
+    ("KIVI-4", "kivi", {"bits": 4}),
+    ("QJL m=128 (~3.3 b)", "qjl", {"sketch_dim": 128, "outlier_channels": 4,
+                                   "outlier_sketch_dim": 64, "value_bits": 2}),
+    ("QJL m=192 (~4.3 b)", "qjl", {"sketch_dim": 192, "outlier_channels": 8,
+                                   "outlier_sketch_dim": 128, "value_bits": 2}),
+    ("KVQuant-2 1%", "kvquant", {"bits": 2, "outliers": 0.01}),
+    ("KVQuant-3 1%", "kvquant", {"bits": 3, "outliers": 0.01}),
+    ("KVQuant-4 1%", "kvquant", {"bits": 4, "outliers": 0.01}),
+    ("HF quanto int2", "hf-quanto", {"bits": 2}),
+    ("HF quanto int4", "hf-quanto", {"bits": 4}),
+]
+
+_worker: dict = {}
+
+
+def _init_worker(model_path: str, num_tokens: int) -> None:
+    import torch
+
+    from kvpack.calibrate.cli import token_windows
+    from kvpack.inference.loader import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model(model_path)
+    text = TEXT.read_text(encoding="utf-8")
+    _worker["loaded"] = loaded
+    _worker["tokens"] = token_windows(loaded.tokenizer, text, num_tokens, num_tokens)[0]
+
+
+def _evaluate(label: str, method: str, params: dict, prefill_tokens: int) -> dict:
+    from kvpack.eval.hf_quanto import hf_quanto_perplexity
+    from kvpack.eval.perplexity import codec_perplexity
+    from kvpack.inference.methods import MethodSpec
+
+    loaded, tokens = _worker["loaded"], _worker["tokens"]
+    if method == "hf-quanto":
+        result = hf_quanto_perplexity(loaded, tokens, bits=params["bits"],
+                                      prefill_tokens=prefill_tokens)
+    else:
+        if method == "kvquant":
+            params = {**params, "calibration": str(CALIBRATION)}
+        result = codec_perplexity(loaded, tokens, MethodSpec.of(method, params),
+                                  prefill_tokens=prefill_tokens)
+    data = {"label": label, **result.to_json()}
+    data["params"].pop("calibration", None)
+    return data
+
+
+def ensure_calibration(model_path: str) -> None:
+    if CALIBRATION.exists():
+        return
+    from kvpack.cli import main
+
+    code = main(["calibrate", "--model", model_path, "--text", str(CALIBRATION_TEXT),
+                 "--tokens", "4096", "--sequence-length", "512", "--bits", "2,3,4",
+                 "--outliers", "0.01", "--out", str(CALIBRATION), "--quiet"])
+    if code:
+        sys.exit(f"calibration failed ({code})")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--prefill-tokens", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", default=None, help="comma-separated labels (default: all)")
+    args = parser.parse_args()
+
+    from kvpack.models import fetch_smollm2
+
+    model_path = str(fetch_smollm2())
+    started = time.time()
+    ensure_calibration(model_path)
+    methods = [m for m in METHODS if args.only is None or m[0] in args.only.split(",")]
+    results: dict[str, dict] = {}
+    with ProcessPoolExecutor(args.workers, initializer=_init_worker,
+                             initargs=(model_path, args.tokens)) as pool:
+        futures = {pool.submit(_evaluate, label, method, params, args.prefill_tokens): label
+                   for label, method, params in methods}
+        for future in as_completed(futures):
+            try:
+                data = future.result()
+            except Exception as error:  # noqa: BLE001 - one method's failure is reported, not fatal
+                print(f"{futures[future]}: FAILED {error!r}", flush=True)
+                continue
+            results[data["label"]] = data
+            print(f"{data['label']:<22} ppl {data['ppl']:9.4f}  bits {data['bits_per_element']:.3f}"
+                  f"  ({data['seconds']:.0f} s)", flush=True)
+    report = {
+        "model": "SmolLM2-135M-Instruct.Q4_1.gguf (dequantized, float32 compute)",
+        "text": "wikitext-2-raw/wiki.test.raw",
+        "calibration_text": "wikitext-2/valid.txt (4096 tokens, 512-token windows)",
+        "tokens": args.tokens,
+        "prefill_tokens": args.prefill_tokens,
+        "protocol": "no BOS; prefill then teacher-forced decode through the cache; tokens 1..N-1 "
+                    "scored; KV stored in float16 (kvpack codecs)",
+        "machine": f"{platform.node()} CPU ({os.cpu_count()} cores, {platform.machine()}), "
+                   "shared dev box, no GPU",
+        "torch_threads_per_worker": 1,
+        "wall_seconds": round(time.time() - started, 1),
+        "results": [results[label] for label, _, _ in methods if label in results],
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {OUT}", flush=True)
+    sys.path.insert(0, str(REPO / "bench" / "report"))
+    import build_report
+
+    return build_report.main([])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
