@@ -46,7 +46,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: uint8 [..., num_bytes] -> int32 codes [..., num_bytes * 8 / bits]."""
+    """Inverse of `pack_codes`: uint8 [..., num_bytes] -> int32 [..., num_bytes * 8 / bits]."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.int32)

@@ -1,4 +1,4 @@
-"""The packed, appendable container behind every codec in this package (keys or values of one layer).
+"""The packed, appendable container behind the codecs of this package (keys or values of a layer).
 
 Token order on the token axis is always: packed tokens [0, num_packed) then full-precision tail
 tokens [num_packed, num_packed + tail_len). Tokens are quantized a whole group at a time
@@ -47,7 +47,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """One packed tensor of a cache: per-row trailing `shape`, `dtype`, and tokens covered per row."""
+    """One packed tensor of a cache: per-row trailing `shape`, `dtype`, tokens covered per row."""
 
     name: str
     shape: tuple[int, ...]
@@ -172,7 +172,7 @@ def allocate(
 
 
 def reserve(cache: PackedCache, capacity: int) -> None:
-    """Grow the packed fields in place so they hold at least `capacity` tokens (no-op if they do)."""
+    """Grow the packed fields in place to hold at least `capacity` tokens (no-op if they do)."""
     if capacity <= cache.capacity:
         return
     capacity = _round_up(capacity, cache.group_size)
@@ -207,7 +207,8 @@ def check_tokens(cache: PackedCache, x: torch.Tensor, name: str) -> None:
     expected = (cache.batch, cache.num_heads, cache.head_dim)
     if (x.shape[0], x.shape[1], x.shape[3]) != expected:
         raise ValueError(
-            f"{name} has shape {tuple(x.shape)}, the cache holds [B, H, T, D] with (B, H, D) = {expected}"
+            f"{name} has shape {tuple(x.shape)}, "
+            f"the cache holds [B, H, T, D] with (B, H, D) = {expected}"
         )
     if x.dtype != cache.dtype:
         raise ValueError(f"{name} has dtype {x.dtype}, the cache was created for {cache.dtype}")
@@ -237,7 +238,7 @@ def append_tokens(cache: PackedCache, x: torch.Tensor, pack) -> PackedCache:
     return cache
 
 
-# -- serialization ----------------------------------------------------------------------------------
+# -- serialization -------------------------------------------------------------------------
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -268,7 +269,7 @@ def _header(cache: PackedCache, start: int, num_packed: int, tail_len: int) -> d
 def serialize(cache: PackedCache, start: int | None = None, end: int | None = None) -> bytes:
     """The whole cache (start = end = None) or the packed token range [start, end) as bytes.
 
-    A range must be aligned to group boundaries and lie inside the packed region; it carries no tail.
+    A range must be aligned to group boundaries and lie inside the packed region (no tail).
     """
     if start is None and end is None:
         start, end, tail_len = 0, cache.num_packed, cache.tail_len
@@ -277,7 +278,8 @@ def serialize(cache: PackedCache, start: int | None = None, end: int | None = No
             raise ValueError("give both start and end, or neither")
         if not 0 <= start < end <= cache.num_packed:
             raise ValueError(
-                f"block [start, end) = [{start}, {end}) must lie in the packed region [0, {cache.num_packed})"
+                f"block [start, end) = [{start}, {end}) must lie in the packed region "
+                f"[0, {cache.num_packed})"
             )
         if start % cache.group_size or end % cache.group_size:
             raise ValueError(f"start and end must be multiples of group_size={cache.group_size}")
@@ -351,7 +353,8 @@ def deserialize_into(cache: PackedCache, data: bytes) -> PackedCache:
         )
     if header["start"] != cache.num_packed:
         raise ValueError(
-            f"block starts at token {header['start']}, the cache holds {cache.num_packed} packed tokens"
+            f"block starts at token {header['start']}, "
+            f"the cache holds {cache.num_packed} packed tokens"
         )
     batch, heads, num_packed = cache.batch, cache.num_heads, header["num_packed"]
     packed = {}

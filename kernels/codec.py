@@ -4,9 +4,9 @@ A codec turns keys and values of one attention layer into a packed, appendable c
 attention directly on that packed form:
 
     codec = make_codec("qjl", head_dim=128, sketch_dim=256, window=128)
-    keys = codec.encode_keys(k)                 # k: [B, H_kv, T, D]  (kvquant: pre-RoPE, with positions)
+    keys = codec.encode_keys(k)                 # k: [B, H_kv, T, D]  (kvquant: pre-RoPE)
     keys = codec.append_keys(keys, k_new)       # the cache grows token by token / block by block
-    scores = codec.key_scores(q, keys)          # q: [B, H_q, T_q, D] -> [B, H_q, T_q, T] ~ q @ k^T (unscaled)
+    scores = codec.key_scores(q, keys)          # q: [B, H_q, T_q, D] -> [B, H_q, T_q, T] ~ q @ k^T
     values = codec.encode_values(v)
     out = codec.attend_values(p, values)        # p: [B, H_q, T_q, T] -> [B, H_q, T_q, D] ~ p @ v
 
@@ -47,8 +47,8 @@ Contract shared by all codecs:
 - `fingerprint()` is stable across processes and releases of the same format: it hashes the codec
   name, head_dim, every parameter that changes the stored bytes, and the payload format version. The
   inference service puts it into the store's namespace so blocks of different codecs never mix.
-- Each codec runs its Triton kernel when the tensors live on a GPU or TRITON_INTERPRET=1 is set, and a
-  plain-PyTorch reference otherwise; `use_triton=` forces either path (tests compare both).
+- Each codec runs its Triton kernel when the tensors live on a GPU or TRITON_INTERPRET=1 is set,
+  and a plain-PyTorch reference otherwise; `use_triton=` forces either path (tests compare both).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ import torch
 def query_group(num_query_heads: int, num_kv_heads: int) -> int:
     if num_query_heads % num_kv_heads:
         raise ValueError(
-            f"query heads ({num_query_heads}) must be a multiple of key/value heads ({num_kv_heads})"
+            f"query heads ({num_query_heads}) must be a multiple of "
+            f"key/value heads ({num_kv_heads})"
         )
     return num_query_heads // num_kv_heads
 

@@ -60,7 +60,8 @@ class KiviCodec(PackedKVCodec):
     bits: 2 or 4, for keys and values.
     group_size: tokens per key quantization group (power of two >= 16); also the packing cadence.
     window: most recent tokens kept in full precision (KIVI's residual), default 0.
-    value_group_size: channels per value quantization group (default 32, or 16 if head_dim needs it).
+    value_group_size: channels per value quantization group (default 32, or 16 if head_dim
+        needs it).
     """
 
     name = "kivi"

@@ -55,7 +55,8 @@ class ValueFormat(TokenFormat):
     def packed_attend(
         self, p: torch.Tensor, fields: dict[str, torch.Tensor], num_tokens: int, use_triton: bool
     ) -> torch.Tensor:
-        """p [B, H_q, T_q, num_tokens] times the first num_tokens packed values -> float32 [B, H_q, T_q, D]."""
+        """p [B, H_q, T_q, num_tokens] times the first num_tokens packed values
+        -> float32 [B, H_q, T_q, D]."""
 
 
 class PackedKVCodec(KVCodec):
@@ -199,12 +200,14 @@ class PackedKVCodec(KVCodec):
     ) -> None:
         if x.dim() != 4:
             raise ValueError(
-                f"{name} must be [B, H_q, T_q, {'T' if width is not None else 'D'}], got {tuple(x.shape)}"
+                f"{name} must be [B, H_q, T_q, {'T' if width is not None else 'D'}], "
+                f"got {tuple(x.shape)}"
             )
         expected_width = self.head_dim if width is None else width
         if x.shape[0] != packed.batch or x.shape[3] != expected_width:
             raise ValueError(
-                f"{name} has shape {tuple(x.shape)}; expected batch {packed.batch} and last dimension {expected_width}"
+                f"{name} has shape {tuple(x.shape)}; "
+                f"expected batch {packed.batch} and last dimension {expected_width}"
             )
         query_group(x.shape[1], packed.num_heads)
         if not x.is_floating_point():

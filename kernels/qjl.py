@@ -39,7 +39,8 @@ class QjlKeys(KeyFormat):
             )
         if outlier_channels and (outlier_sketch_dim <= 0 or outlier_sketch_dim % 8):
             raise ValueError(
-                f"outlier_sketch_dim must be a positive multiple of 8 when outlier_channels > 0, got {outlier_sketch_dim}"
+                "outlier_sketch_dim must be a positive multiple of 8 when outlier_channels > 0, "
+                f"got {outlier_sketch_dim}"
             )
         check_token_group(group_size)
         self.head_dim, self.sketch_dim, self.group_size = head_dim, sketch_dim, group_size
@@ -157,7 +158,8 @@ class QjlCodec(PackedKVCodec):
     value_bits: 2 or 4, per-token value codes.
     group_size: tokens per outlier group (power of two >= 16); also the packing cadence.
     window: most recent tokens kept in full precision, default 0.
-    value_group_size: channels per value quantization group (default 32, or 16 if head_dim needs it).
+    value_group_size: channels per value quantization group (default 32, or 16 if head_dim
+        needs it).
     """
 
     name = "qjl"

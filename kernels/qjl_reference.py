@@ -14,7 +14,8 @@ Scores (the unbiased estimator, one term per part, sigma = 2 * bit - 1):
 
 The inlier term sketches the whole query: E<S q, sign(S k_in)> is proportional to <q, k_in> whatever
 q holds on O, so the query sketch is computed once per query instead of once per group (variance
-pi/(2m) ||q||^2 ||k_in||^2). The outlier term uses q_O only (variance pi/(2 m_o) ||q_O||^2 ||k_O||^2),
+pi/(2m) ||q||^2 ||k_in||^2). The outlier term uses q_O only
+(variance pi/(2 m_o) ||q_O||^2 ||k_O||^2),
 which matters because ||k_O|| is large. Each bit with value 0 means -1, so a zero key scores 0.
 """
 
@@ -31,7 +32,7 @@ SQRT_HALF_PI = math.sqrt(math.pi / 2)
 
 
 def select_outliers(groups: torch.Tensor, num_outliers: int) -> torch.Tensor:
-    """groups float32 [..., G, D] -> int64 [..., num_outliers] channel indices, by descending energy."""
+    """groups float32 [..., G, D] -> int64 [..., num_outliers] channels, by descending energy."""
     energy = (groups * groups).sum(dim=-2)
     picked = []
     for _ in range(num_outliers):
@@ -52,7 +53,7 @@ def quantize_keys(
     num_outliers: int,
     group_size: int,
 ) -> dict[str, torch.Tensor]:
-    """x [B, H, T, D] (T a multiple of group_size); sketches float32, already rounded to x's dtype."""
+    """x [B, H, T, D] (T a multiple of group_size); sketches float32, rounded to x's dtype."""
     batch, heads, num_tokens, head_dim = x.shape
     groups = x.float().reshape(batch, heads, num_tokens // group_size, group_size, head_dim)
     fields = {}
@@ -89,7 +90,8 @@ def key_scores(
     num_outliers: int,
     group_size: int,
 ) -> torch.Tensor:
-    """q [B, H_q, T_q, D] against the first num_tokens packed keys -> float32 [B, H_q, T_q, num_tokens]."""
+    """q [B, H_q, T_q, D] against the first num_tokens packed keys
+    -> float32 [B, H_q, T_q, num_tokens]."""
     heads = fields["signs"].shape[1]
     rows = rows_per_kv_head(q.float(), heads)  # [B, H, M, D]
     query_sketch = torch.matmul(rows, sketch.T)

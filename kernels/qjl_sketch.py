@@ -25,7 +25,7 @@ import torch
 
 
 def orthogonal_gaussian(head_dim: int, num_rows: int, generator: torch.Generator) -> torch.Tensor:
-    """[num_rows, head_dim] float64; each block of head_dim rows orthogonal, every row of norm sqrt(head_dim)."""
+    """[num_rows, head_dim] float64: blocks of head_dim orthogonal rows of norm sqrt(head_dim)."""
     blocks = []
     for _ in range(math.ceil(num_rows / head_dim)):
         gaussian = torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64)

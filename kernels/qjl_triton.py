@@ -37,7 +37,7 @@ def bytes_pad(num_bytes: int) -> int:
 
 
 def plane_major(matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sketch [m, D] -> [D, 8, bytes_pad(m / 8)] in dtype, [c, j, k] = sketch[8k + j, c], zero padded."""
+    """sketch [m, D] -> [D, 8, bytes_pad(m / 8)] in dtype: [c, j, k] = sketch[8k + j, c]."""
     num_rows, head_dim = matrix.shape
     num_bytes = num_rows // 8
     planes = matrix.T.reshape(head_dim, num_bytes, 8).transpose(1, 2)
@@ -147,126 +147,9 @@ def _quantize_keys_kernel(
         )
 
 
-@triton.jit
-def _quantize_keys_tiled_kernel(
-    x_ptr,  # [num_groups * GROUP, HEAD_DIM] contiguous, input dtype
-    sketch_ptr,  # [HEAD_DIM, 8, NB_PAD] plane-major inlier sketch, input dtype
-    outlier_sketch_ptr,  # [HEAD_DIM, 8, NBO_PAD] plane-major outlier sketch, input dtype
-    signs_ptr,  # [num_groups * GROUP, NB] uint8
-    norm_ptr,  # [num_groups * GROUP]
-    outlier_signs_ptr,  # [num_groups * GROUP, NBO] uint8
-    outlier_norm_ptr,  # [num_groups * GROUP]
-    outlier_index_ptr,  # [num_groups, NOUT] uint8
-    num_groups,
-    groups_per_program,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    NB: tl.constexpr,
-    NB_PAD: tl.constexpr,
-    NBO: tl.constexpr,
-    NBO_PAD: tl.constexpr,
-    NOUT: tl.constexpr,
-    NOUT_PAD: tl.constexpr,
-    GROUP: tl.constexpr,
-    TILE_GROUPS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    NORM_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Same math as _quantize_keys_kernel, TILE_GROUPS groups per loop step: the outlier search
-    runs for all groups of a tile at once and every sketch plane loaded serves the whole tile."""
-    program = tl.program_id(0)
-    in_group = tl.arange(0, GROUP).to(tl.int64)
-    tile = tl.arange(0, TILE_GROUPS)
-    cols = tl.arange(0, D_PAD)
-    col_mask = cols < HEAD_DIM
-    byte_cols = tl.arange(0, NB_PAD)
-    outlier_byte_cols = tl.arange(0, NBO_PAD)
-    slots = tl.arange(0, NOUT_PAD)
-    slot_mask = slots < NOUT
-    first = program * groups_per_program
-    last = tl.minimum(first + groups_per_program, num_groups)
-    for group0 in range(first, last, TILE_GROUPS):
-        groups = group0 + tile
-        group_mask = groups < last
-        tokens = groups[:, None] * GROUP + in_group[None, :]  # [TILE, GROUP]
-        x = tl.load(
-            x_ptr + tokens[:, :, None] * HEAD_DIM + cols[None, None, :],
-            mask=group_mask[:, None, None] & col_mask[None, None, :],
-            other=0.0,
-        )  # [TILE, GROUP, D_PAD], input dtype
-        inliers = x
-        if NOUT > 0:
-            x32 = x.to(tl.float32)
-            energy = tl.where(col_mask[None, :], tl.sum(x32 * x32, axis=1), -1.0)  # [TILE, D_PAD]
-            is_outlier = energy < -5.0  # all false
-            index = tl.zeros((TILE_GROUPS, NOUT_PAD), dtype=tl.int32)
-            for slot in tl.static_range(NOUT):
-                best = tl.argmax(energy, axis=1)  # [TILE]
-                hit = cols[None, :] == best[:, None]
-                is_outlier = is_outlier | hit
-                index = tl.where(slots[None, :] == slot, best[:, None], index)
-                energy = tl.where(hit, -2.0, energy)
-            tl.store(
-                outlier_index_ptr + groups[:, None] * NOUT + slots[None, :],
-                index.to(tl.uint8),
-                mask=group_mask[:, None] & slot_mask[None, :],
-            )
-            inliers = tl.where(is_outlier[:, None, :], tl.zeros_like(x), x)
-            outliers = tl.load(
-                x_ptr + tokens[:, :, None] * HEAD_DIM + index[:, None, :],
-                mask=group_mask[:, None, None] & slot_mask[None, None, :],
-                other=0.0,
-            )  # [TILE, GROUP, NOUT_PAD]
-            outliers32 = outliers.to(tl.float32)
-            outlier_norm = tl.sqrt(tl.sum(outliers32 * outliers32, axis=2))
-            tl.store(
-                outlier_norm_ptr + tokens, outlier_norm.to(NORM_DTYPE), mask=group_mask[:, None]
-            )
-            outlier_bytes = tl.zeros((TILE_GROUPS, GROUP, NBO_PAD), dtype=tl.int32)
-            for plane in tl.static_range(8):
-                columns = tl.load(
-                    outlier_sketch_ptr
-                    + index[:, :, None] * (8 * NBO_PAD)
-                    + plane * NBO_PAD
-                    + outlier_byte_cols[None, None, :],
-                    mask=slot_mask[None, :, None],
-                    other=0.0,
-                )  # [TILE, NOUT_PAD, NBO_PAD]
-                projection = tl.dot(
-                    outliers.to(DOT_DTYPE), columns.to(DOT_DTYPE), input_precision=PRECISION
-                )
-                outlier_bytes = outlier_bytes | ((projection > 0).to(tl.int32) << plane)
-            tl.store(
-                outlier_signs_ptr + tokens[:, :, None] * NBO + outlier_byte_cols[None, None, :],
-                outlier_bytes.to(tl.uint8),
-                mask=group_mask[:, None, None] & (outlier_byte_cols[None, None, :] < NBO),
-            )
-        inliers32 = inliers.to(tl.float32)
-        norm = tl.sqrt(tl.sum(inliers32 * inliers32, axis=2))
-        tl.store(norm_ptr + tokens, norm.to(NORM_DTYPE), mask=group_mask[:, None])
-        inliers_dot = inliers.to(DOT_DTYPE)
-        sign_bytes = tl.zeros((TILE_GROUPS, GROUP, NB_PAD), dtype=tl.int32)
-        for plane in tl.static_range(8):
-            rows = tl.load(
-                sketch_ptr + cols[:, None] * (8 * NB_PAD) + plane * NB_PAD + byte_cols[None, :],
-                mask=col_mask[:, None],
-                other=0.0,
-            ).to(DOT_DTYPE)
-            rows = tl.broadcast_to(rows[None, :, :], (TILE_GROUPS, D_PAD, NB_PAD))
-            projection = tl.dot(inliers_dot, rows, input_precision=PRECISION)
-            sign_bytes = sign_bytes | ((projection > 0).to(tl.int32) << plane)
-        tl.store(
-            signs_ptr + tokens[:, :, None] * NB + byte_cols[None, None, :],
-            sign_bytes.to(tl.uint8),
-            mask=group_mask[:, None, None] & (byte_cols[None, None, :] < NB),
-        )
-
-
-# Launch settings of quantize_keys (the benchmark sweeps them): groups per loop step of the
-# tiled kernel (a power of two; 0 selects the one-group kernel) and warps per program.
-QUANTIZE_TILE_GROUPS = 2
-QUANTIZE_NUM_WARPS = 8
+# Warps per program of the quantize kernel: 4 measured fastest on the H100 (bench run 3, which
+# also measured a variant batching 1-4 groups per loop step: 3-8x slower, so it was dropped).
+QUANTIZE_NUM_WARPS = 4
 
 
 def quantize_keys(
@@ -278,7 +161,8 @@ def quantize_keys(
     num_outliers,
     group_size,
 ):
-    """x [B, H, T, D] contiguous (T a multiple of group_size) -> the fields of qjl_reference.quantize_keys.
+    """x [B, H, T, D] contiguous (T a multiple of group_size) -> the fields of
+    qjl_reference.quantize_keys.
 
     sketch_planes / outlier_sketch_planes: `plane_major` of the sketches, in x's dtype.
     """
@@ -302,16 +186,10 @@ def quantize_keys(
     programs = min(num_groups, num_programs_target(device))
     groups_per_program = triton.cdiv(num_groups, programs)
     operand = dot_dtype(x.dtype)
-    tiled = QUANTIZE_TILE_GROUPS > 0
-    if tiled:  # whole tiles per program
-        groups_per_program = (
-            triton.cdiv(groups_per_program, QUANTIZE_TILE_GROUPS) * QUANTIZE_TILE_GROUPS
-        )
-    kernel = _quantize_keys_tiled_kernel if tiled else _quantize_keys_kernel
-    extra = {"TILE_GROUPS": QUANTIZE_TILE_GROUPS} if tiled else {}
-    kernel[(triton.cdiv(num_groups, groups_per_program),)](
+    _quantize_keys_kernel[(triton.cdiv(num_groups, groups_per_program),)](
         x, sketch_planes, outlier_sketch_planes, signs, norm,
-        fields.get("outlier_signs", signs), fields.get("outlier_norm", norm), fields.get("outlier_index", signs),
+        fields.get("outlier_signs", signs), fields.get("outlier_norm", norm),
+        fields.get("outlier_index", signs),
         num_groups, groups_per_program,
         HEAD_DIM=head_dim, D_PAD=next_power_of_2(head_dim),
         NB=sketch_dim // 8, NB_PAD=bytes_pad(sketch_dim // 8),
@@ -320,7 +198,7 @@ def quantize_keys(
         DOT_DTYPE=operand, NORM_DTYPE=triton_dtype(x.dtype),
         PRECISION="ieee" if operand == tl.float32 else None,
         # float32 operands: one pipeline stage fits shared memory.
-        num_stages=1 if operand == tl.float32 else 3, num_warps=QUANTIZE_NUM_WARPS, **extra,
+        num_stages=1 if operand == tl.float32 else 3, num_warps=QUANTIZE_NUM_WARPS,
     )  # fmt: skip
     return fields
 
@@ -358,122 +236,13 @@ def _key_scores_kernel(
     NOUT: tl.constexpr,
     NOUT_PAD: tl.constexpr,
     GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-):
-    program = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < num_rows
-    row_ids = bh * num_rows + rows
-    byte_cols = tl.arange(0, NB_PAD)
-    sketch_rows = query_sketch_ptr + row_ids[:, None] * (8 * NB_PAD) + byte_cols[None, :]
-    sketch_sum = tl.load(query_sketch_sum_ptr + row_ids, mask=row_mask, other=0.0)
-    sketch_max = tl.load(query_sketch_max_ptr + row_ids, mask=row_mask, other=0.0)
-    out_base = (
-        out_ptr + (bh // H_KV) * stride_ob + (bh % H_KV) * stride_oh + rows[:, None] * stride_om
-    )
-    first = program * groups_per_program
-    for group in range(first, tl.minimum(first + groups_per_program, num_groups)):
-        tokens = group * GROUP + tl.arange(0, GROUP)
-        bits = tl.load(
-            signs_ptr + (bh * capacity + tokens[:, None]) * NB + byte_cols[None, :],
-            mask=byte_cols[None, :] < NB,
-            other=0,
-        ).to(tl.int16)
-        acc = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
-        for plane in tl.static_range(8):
-            query_plane = tl.load(sketch_rows + plane * NB_PAD, mask=row_mask[:, None], other=0.0)
-            twice_bit = ((bits << (14 - plane)) & 0x4000).to(tl.float16, bitcast=True)
-            acc += tl.dot(query_plane, tl.trans(twice_bit.to(DOT_DTYPE)))
-        norm = tl.load(norm_ptr + bh * capacity + tokens).to(tl.float32)
-        score = (acc - sketch_sum[:, None]) * (sketch_max * scale_inlier)[:, None] * norm[None, :]
-        if NOUT > 0:
-            slots = tl.arange(0, NOUT_PAD)
-            slot_mask = slots < NOUT
-            index = tl.load(
-                outlier_index_ptr + (bh * (capacity // GROUP) + group) * NOUT + slots,
-                mask=slot_mask,
-                other=0,
-            ).to(tl.int32)
-            query_outliers = tl.load(
-                query_ptr + row_ids[:, None] * HEAD_DIM + index[None, :],
-                mask=row_mask[:, None] & slot_mask[None, :],
-                other=0.0,
-            ).to(DOT_DTYPE)
-            query_max = tl.load(query_max_ptr + row_ids, mask=row_mask, other=0.0)
-            outlier_byte_cols = tl.arange(0, NBO_PAD)
-            outlier_bits = tl.load(
-                outlier_signs_ptr
-                + (bh * capacity + tokens[:, None]) * NBO
-                + outlier_byte_cols[None, :],
-                mask=outlier_byte_cols[None, :] < NBO,
-                other=0,
-            ).to(tl.int16)
-            outlier_acc = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
-            outlier_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for plane in tl.static_range(8):
-                columns = tl.load(
-                    outlier_sketch_ptr
-                    + index[:, None] * (8 * NBO_PAD)
-                    + plane * NBO_PAD
-                    + outlier_byte_cols[None, :],
-                    mask=slot_mask[:, None],
-                    other=0.0,
-                )
-                outlier_plane = tl.dot(query_outliers, columns).to(DOT_DTYPE)
-                outlier_sum += tl.sum(outlier_plane.to(tl.float32), axis=1)
-                twice_bit = ((outlier_bits << (14 - plane)) & 0x4000).to(tl.float16, bitcast=True)
-                outlier_acc += tl.dot(outlier_plane, tl.trans(twice_bit.to(DOT_DTYPE)))
-            outlier_norm = tl.load(outlier_norm_ptr + bh * capacity + tokens).to(tl.float32)
-            score += (
-                (outlier_acc - outlier_sum[:, None])
-                * (query_max * scale_outlier)[:, None]
-                * outlier_norm[None, :]
-            )
-        tl.store(out_base + tokens[None, :] * stride_ot, score, mask=row_mask[:, None])
-
-
-@triton.jit
-def _key_scores_tiled_kernel(
-    query_sketch_ptr,  # [B * H_KV, num_rows, 8, NB_PAD] normalized, plane-major, DOT_DTYPE
-    query_sketch_sum_ptr,  # [B * H_KV, num_rows] float32: sum of the normalized sketch
-    query_sketch_max_ptr,  # [B * H_KV, num_rows] float32: the normalization
-    query_ptr,  # [B * H_KV, num_rows, HEAD_DIM] float32, normalized by query_max
-    query_max_ptr,  # [B * H_KV, num_rows] float32
-    outlier_sketch_ptr,  # [HEAD_DIM, 8, NBO_PAD] plane-major outlier sketch, DOT_DTYPE
-    signs_ptr,  # [B * H_KV, capacity, NB] uint8
-    norm_ptr,  # [B * H_KV, capacity]
-    outlier_signs_ptr,  # [B * H_KV, capacity, NBO] uint8
-    outlier_norm_ptr,  # [B * H_KV, capacity]
-    outlier_index_ptr,  # [B * H_KV, capacity // GROUP, NOUT] uint8
-    out_ptr,  # rows view [B, H_KV, num_rows, >= num_tokens] float32
-    num_groups,
-    groups_per_program,
-    num_rows,
-    capacity,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_ot,
-    scale_inlier,
-    scale_outlier,
-    H_KV: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    NB: tl.constexpr,
-    NB_PAD: tl.constexpr,
-    NBO: tl.constexpr,
-    NBO_PAD: tl.constexpr,
-    NOUT: tl.constexpr,
-    NOUT_PAD: tl.constexpr,
-    GROUP: tl.constexpr,
     TILE_GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    """Same math as _key_scores_kernel, TILE_GROUPS token groups per loop step: every tensor
-    carries a leading group axis and the dots are batched over it, so the per-step overhead
-    (query loads, reductions, layout changes) is paid once per TILE_GROUPS groups."""
+    """TILE_GROUPS token groups per loop step: every tensor carries a leading group axis and the
+    dots are batched over it, so the per-step overhead (query loads, reductions, layout changes)
+    is paid once per tile; each group brings its own outlier channels (outlier query sketch)."""
     program = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -562,8 +331,8 @@ def _key_scores_tiled_kernel(
         )
 
 
-# Launch settings of key_scores (the benchmark sweeps them): groups per loop step of the tiled
-# kernel (0 selects the one-group kernel) and warps per program.
+# Launch settings of key_scores: token groups per loop step (a power of two) and warps per
+# program. 4 and 4 measured fastest on the H100 (bench/results/kernels_h100.json, "sweep").
 SCORE_TILE_GROUPS = 4
 SCORE_NUM_WARPS = 4
 
@@ -600,14 +369,11 @@ def key_scores(
     groups_per_program, programs = score_launch_shape(
         num_groups, batch * num_kv_heads, row_tiles, q.device
     )
-    tiled = SCORE_TILE_GROUPS > 0
-    if tiled:  # whole tiles per program
-        groups_per_program = triton.cdiv(groups_per_program, SCORE_TILE_GROUPS) * SCORE_TILE_GROUPS
-        programs = triton.cdiv(num_groups, groups_per_program)
+    # whole tiles per program
+    groups_per_program = triton.cdiv(groups_per_program, SCORE_TILE_GROUPS) * SCORE_TILE_GROUPS
+    programs = triton.cdiv(num_groups, groups_per_program)
     outlier_sketch_dim = 8 * fields["outlier_signs"].shape[-1] if num_outliers else 0
-    kernel = _key_scores_tiled_kernel if tiled else _key_scores_kernel
-    extra = {"TILE_GROUPS": SCORE_TILE_GROUPS} if tiled else {}
-    kernel[(programs, batch * num_kv_heads, row_tiles)](
+    _key_scores_kernel[(programs, batch * num_kv_heads, row_tiles)](
         prepared["planes"], prepared["sketch_sum"], prepared["sketch_max"],
         prepared["query"], prepared["query_max"], outlier_sketch_planes,
         signs, fields["norm"], fields.get("outlier_signs", signs),
@@ -617,7 +383,7 @@ def key_scores(
         H_KV=num_kv_heads, HEAD_DIM=head_dim, NB=num_bytes, NB_PAD=bytes_pad(num_bytes),
         NBO=max(1, outlier_sketch_dim // 8), NBO_PAD=bytes_pad(outlier_sketch_dim // 8),
         NOUT=num_outliers, NOUT_PAD=max(16, next_power_of_2(num_outliers)), GROUP=group_size,
-        BLOCK_M=block_m, DOT_DTYPE=operand, **extra,
+        BLOCK_M=block_m, DOT_DTYPE=operand, TILE_GROUPS=SCORE_TILE_GROUPS,
         # float32 operands: one pipeline stage fits shared memory.
         num_stages=1 if operand == tl.float32 else 3, num_warps=SCORE_NUM_WARPS,
     )  # fmt: skip

@@ -22,7 +22,7 @@ def minmax_codes(x, mn, mx, LEVELS: tl.constexpr, EPS: tl.constexpr, STAT_DTYPE:
 
 @triton.jit
 def pack_rows(codes, ROWS: tl.constexpr, WIDTH: tl.constexpr, BITS: tl.constexpr):
-    """int32 codes [ROWS, WIDTH] -> int32 bytes [ROWS, WIDTH * BITS // 8], layout of kernels/bitpack.py."""
+    """int32 codes [ROWS, WIDTH] -> int32 bytes [ROWS, WIDTH * BITS // 8] (kernels/bitpack.py)."""
     PER_BYTE: tl.constexpr = 8 // BITS
     grouped = tl.reshape(codes, (ROWS, WIDTH // PER_BYTE, PER_BYTE))
     shifts = tl.arange(0, PER_BYTE) * BITS
@@ -31,7 +31,7 @@ def pack_rows(codes, ROWS: tl.constexpr, WIDTH: tl.constexpr, BITS: tl.constexpr
 
 @triton.jit
 def unpack_rows(packed, ROWS: tl.constexpr, NUM_BYTES: tl.constexpr, BITS: tl.constexpr):
-    """bytes [ROWS, NUM_BYTES] (any int dtype) -> int32 codes [ROWS, NUM_BYTES * 8 // BITS] in natural order."""
+    """bytes [ROWS, NUM_BYTES] (any int dtype) -> int32 codes [ROWS, NUM_BYTES * 8 // BITS]."""
     PER_BYTE: tl.constexpr = 8 // BITS
     shifts = tl.arange(0, PER_BYTE) * BITS
     codes = (packed.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)

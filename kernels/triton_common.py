@@ -42,7 +42,7 @@ PROGRAMS_PER_SM = 4
 
 
 def num_programs_target(device: torch.device) -> int:
-    """How many programs keep the device busy (a few per multiprocessor; 4 under the interpreter)."""
+    """Programs that keep the device busy (a few per multiprocessor; 4 under the interpreter)."""
     if device.type != "cuda":
         return 4
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -17,7 +17,7 @@ from .quant_reference import check_bits
 
 
 def default_channel_group(head_dim: int) -> int:
-    """32 channels where head_dim allows (KIVI's default), else the largest power of two dividing both."""
+    """32 channels where head_dim allows (KIVI's default), else gcd(32, head_dim)."""
     return math.gcd(32, head_dim)
 
 

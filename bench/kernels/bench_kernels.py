@@ -81,7 +81,7 @@ def rel_err(value: torch.Tensor, reference: torch.Tensor) -> float:
     ).item()
 
 
-# -- correctness ------------------------------------------------------------------------------------
+# -- correctness ---------------------------------------------------------------------------
 
 
 def check_correctness(device) -> dict:
@@ -103,7 +103,8 @@ def check_correctness(device) -> dict:
     for dtype, head_dim, hq, hkv, tq, tokens, outliers in cases:
         if tokens < 200:
             raise ValueError("correctness cases need at least 200 tokens (append check)")
-        name = f"{str(dtype).removeprefix('torch.')}_d{head_dim}_gqa{hq // hkv}_tq{tq}_t{tokens}_out{outliers}"
+        dtype_name = str(dtype).removeprefix("torch.")
+        name = f"{dtype_name}_d{head_dim}_gqa{hq // hkv}_tq{tq}_t{tokens}_out{outliers}"
         k = torch.randn(2, hkv, tokens, head_dim, device=device, dtype=dtype)
         v = torch.randn(2, hkv, tokens, head_dim, device=device, dtype=dtype)
         q = torch.randn(2, hq, tq, head_dim, device=device, dtype=dtype)
@@ -231,7 +232,7 @@ def timed(name, fn, bytes_moved, roofline_gbps, **extra) -> dict:
            "pct_roofline": 100 * gbps / roofline_gbps}  # fmt: skip
     row.update(extra)
     print(
-        f"  {name:<44} {ms:9.4f} ms  graph {graphed if graphed is not None else float('nan'):9.4f} ms "
+        f"  {name:<44} {ms:9.4f} ms  graph {graphed or float('nan'):9.4f} ms "
         f"{gbps:8.0f} GB/s {row['pct_roofline']:5.1f}%",
         flush=True,
     )
@@ -393,9 +394,8 @@ def _variant_error(kind: str, device) -> float:
 # knob module, knob names, candidate settings, what to time, correctness bound
 SWEEPS = {
     "score": (qjl_triton, ("SCORE_TILE_GROUPS", "SCORE_NUM_WARPS"),
-              [(t, w) for t in (0, 1, 2, 4, 8) for w in (4, 8)], 1e-3),
-    "quantize": (qjl_triton, ("QUANTIZE_TILE_GROUPS", "QUANTIZE_NUM_WARPS"),
-                 [(t, w) for t in (0, 1, 2, 4) for w in (4, 8)], 1e-3),
+              [(t, w) for t in (1, 2, 4, 8) for w in (4, 8)], 1e-3),
+    "quantize": (qjl_triton, ("QUANTIZE_NUM_WARPS",), [(4,), (8,)], 1e-3),
     "values": (values_triton, ("ATTEND_BLOCK_T", "ATTEND_NUM_WARPS"),
                [(b, w) for b in (32, 64, 128) for w in (4, 8)], 1e-2),
 }  # fmt: skip
@@ -427,9 +427,9 @@ def sweep_settings(device, tokens: int) -> dict:
         default = tuple(getattr(module, name) for name in names)
         rows = []
         for setting in candidates[:2] if SMOKE else candidates:
-            for name, value in zip(names, setting):
+            for name, value in zip(names, setting, strict=True):
                 setattr(module, name, value)
-            row = {"setting": dict(zip(names, setting))}
+            row = {"setting": dict(zip(names, setting, strict=True))}
             try:
                 row["error"] = _variant_error(kind, device)
                 row["ms"] = best_ms(work[kind])
@@ -440,10 +440,14 @@ def sweep_settings(device, tokens: int) -> dict:
         valid = [row for row in rows if "ms" in row and row["error"] <= bound]
         best = min(valid, key=lambda row: row["ms"]) if valid else None
         chosen = tuple(best["setting"][name] for name in names) if best else default
-        for name, value in zip(names, chosen):
+        for name, value in zip(names, chosen, strict=True):
             setattr(module, name, value)
-        report[kind] = {"tokens": tokens, "default": dict(zip(names, default)),
-                        "chosen": dict(zip(names, chosen)), "candidates": rows}  # fmt: skip
+        report[kind] = {
+            "tokens": tokens,
+            "default": dict(zip(names, default, strict=True)),
+            "chosen": dict(zip(names, chosen, strict=True)),
+            "candidates": rows,
+        }
     return report
 
 
@@ -463,12 +467,14 @@ def markdown(results: dict) -> str:
         )
     lines += [
         "",
-        "| tokens | QJL score / bf16 q·Kᵀ | KIVI score / bf16 q·Kᵀ | 2-bit p·V / bf16 p·V | QJL quantize ms |",
+        "| tokens | QJL score / bf16 q·Kᵀ | KIVI score / bf16 q·Kᵀ | 2-bit p·V / bf16 p·V "
+        "| QJL quantize ms |",
         "| --- | --- | --- | --- | --- |",
     ]
     for tokens, ratio in results["ratios"].items():
         lines.append(
-            f"| {int(tokens) // 1024}K | {ratio['qjl_score_speedup']:.2f}x | {ratio['kivi_score_speedup']:.2f}x | "
+            f"| {int(tokens) // 1024}K | {ratio['qjl_score_speedup']:.2f}x | "
+            f"{ratio['kivi_score_speedup']:.2f}x | "
             f"{ratio['value_attend_speedup']:.2f}x | {ratio['qjl_quantize_ms']:.3f} |"
         )
     return "\n".join(lines)
@@ -540,9 +546,8 @@ def main() -> None:
         }
     results["ratios"] = ratios
     results["targets"] = {
-        "qjl_score_speedup_at_128K_plus_ge_2.5": all(
-            r["qjl_score_speedup"] >= 2.5 for t, r in ratios.items() if int(t) >= 131072
-        ),
+        "qjl_score_speedup_at_128K_plus_ge_2.5": any(int(t) >= 131072 for t in ratios)
+        and all(r["qjl_score_speedup"] >= 2.5 for t, r in ratios.items() if int(t) >= 131072),
         "qjl_quantize_512K_le_1ms": ratios.get("524288", {}).get("qjl_quantize_ms", math.inf)
         <= 1.0,
         "value_attend_2bit_faster_than_bf16": all(

@@ -1,4 +1,4 @@
-"""The codec interface on packed caches: growing, preallocation, windows, bytes, blocks, accounting."""
+"""The codec interface on packed caches: growth, preallocation, windows, bytes, blocks, bits."""
 
 from __future__ import annotations
 

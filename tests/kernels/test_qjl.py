@@ -111,7 +111,8 @@ def test_scores_match_reference(group_heads, num_queries, outliers):
 
 def test_zero_keys_and_zero_queries_score_zero_without_nan():
     for use_triton in (False, True):
-        codec = make_codec("qjl", head_dim=32, sketch_dim=32, outlier_channels=4, outlier_sketch_dim=16,
+        codec = make_codec("qjl", head_dim=32, sketch_dim=32, outlier_channels=4,
+                           outlier_sketch_dim=16,
                            group_size=16, use_triton=use_triton)  # fmt: skip
         k = torch.randn(1, 2, 32, 32)
         k[0, 0] = 0.0
@@ -168,7 +169,8 @@ def test_estimator_is_unbiased_with_variance_within_the_bound():
         # (samples, <q, k_part> expected, bound pi/(2m) ||q_part||^2 ||k_part||^2, mean factor)
         (inlier, q_vec @ k_in, math.pi / (2 * sketch_dim) * q_vec.norm() ** 2 * k_in.norm() ** 2,
          _sketch_factor := _sphere_factor(head_dim)),
-        (outlier, q_vec[3] * k_vec[3], math.pi / (2 * outlier_dim) * q_vec[3] ** 2 * k_vec[3] ** 2, 1.0),
+        (outlier, q_vec[3] * k_vec[3],
+         math.pi / (2 * outlier_dim) * q_vec[3] ** 2 * k_vec[3] ** 2, 1.0),
     ]  # fmt: skip
     for samples, truth, bound, factor in parts:
         standard_error = samples.std() / math.sqrt(num_seeds)
@@ -196,7 +198,8 @@ def test_more_sketch_rows_shrink_the_error():
 def test_bfloat16_reference_path():
     # The CPU interpreter has no bfloat16 arithmetic: bfloat16 runs through the reference here and
     # through the kernels in bench/kernels/bench_kernels.py on a GPU.
-    codec = make_codec("qjl", head_dim=64, sketch_dim=256, outlier_channels=4, outlier_sketch_dim=64,
+    codec = make_codec("qjl", head_dim=64, sketch_dim=256, outlier_channels=4,
+                       outlier_sketch_dim=64,
                        use_triton=False)  # fmt: skip
     k = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
     q = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16)
@@ -209,18 +212,13 @@ def test_bfloat16_reference_path():
     assert ((scores - exact).norm() / exact.norm()) < 0.6
 
 
-@pytest.mark.parametrize("tile_groups", [0, 1, 4])
-def test_kernel_variants_agree(monkeypatch, tile_groups):
-    # The one-group kernels (tile 0) and the tiled kernels at any tile size compute the same thing;
-    # the benchmark picks the fastest setting on a GPU.
-    monkeypatch.setattr(qjl_triton, "QUANTIZE_TILE_GROUPS", tile_groups)
+@pytest.mark.parametrize("tile_groups", [1, 4])
+def test_score_tile_sizes_agree(monkeypatch, tile_groups):
+    # Any number of groups per loop step computes the same scores (the benchmark times several).
     monkeypatch.setattr(qjl_triton, "SCORE_TILE_GROUPS", tile_groups)
     ref, tri = _codecs(32, sketch_dim=32, outlier_channels=3, outlier_sketch_dim=16, group_size=16)
-    k = torch.randn(1, 2, 80, 32)  # 5 groups per head: the last tile is partial
+    keys = ref.encode_keys(torch.randn(1, 2, 80, 32))  # 5 groups per head: the last tile is partial
     q = torch.randn(1, 4, 2, 32)
-    expected, actual = ref.encode_keys(k), tri.encode_keys(k)
-    for name in ("signs", "outlier_signs", "outlier_index"):
-        assert torch.equal(actual.fields[name], expected.fields[name]), name
     torch.testing.assert_close(
-        tri.key_scores(q, expected), ref.key_scores(q, expected), rtol=1e-4, atol=1e-4
+        tri.key_scores(q, keys), ref.key_scores(q, keys), rtol=1e-4, atol=1e-4
     )
