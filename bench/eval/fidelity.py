@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("KVPACK_SHARED_DATA", REPO.parent / "shared" / "data"))
 TEXT = SHARED / "text" / "wikitext-2-raw" / "wiki.test.raw"
 CALIBRATION_TEXT = SHARED / "text" / "wikitext-2" / "valid.txt"
-CALIBRATION = Path.home() / ".cache" / "kvpack" / "calibration" / "smollm2-wt2valid-4096.safetensors"
+CALIBRATION = (Path.home() / ".cache" / "kvpack" / "calibration"
+               / "smollm2-wt2valid-4096.safetensors")
 OUT = REPO / "bench" / "results" / "fidelity_smollm2.json"
 
 # (label, method, params); the QJL sizes are picked for ~3.3 and ~4.3 bits at head_dim 64.
@@ -51,7 +52,6 @@ _worker: dict = {}
 
 def _init_worker(model_path: str, num_tokens: int) -> None:
     import torch
-
     from kvpack.calibrate.cli import token_windows
     from kvpack.inference.loader import load_model
 

@@ -256,10 +256,11 @@ def plot_memory(decodes: dict[str, dict], fidelity: dict[str, dict]) -> Path | N
             points = sorted((int(c), row[method]["peak_memory_gib"]) for c, row in results.items()
                             if method in row and "peak_memory_gib" in row[method])
             if points:
-                ax.plot(*zip(*points), marker="o", label=f"{method}: peak GPU memory ({name})")
+                ax.plot([c for c, _ in points], [g for _, g in points], marker="o",
+                        label=f"{method}: peak GPU memory ({name})")
     contexts = [2**k for k in range(12, 20)]
     elements_per_token = 2 * 32 * 8 * 128
-    for name, data in fidelity.items():
+    for data in fidelity.values():
         for r in data["results"]:
             if r["method"] == "hf-quanto":
                 continue

@@ -18,7 +18,8 @@ def comma_list(kind):
         try:
             items = [kind(part) for part in value.split(",") if part.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list, got {value!r}") from None
         if not items:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}")
         return items
@@ -28,7 +29,7 @@ def comma_list(kind):
 
 def _add_common(parser: argparse.ArgumentParser, *, methods_help: str) -> None:
     parser.add_argument("--model", required=True,
-                        help="HF model id, local HF folder, GGUF file, or llama2.c checkpoint folder")
+                        help="HF model id, local HF folder, GGUF file, or llama2.c folder")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
     parser.add_argument("--method", default="fp16", help=methods_help + " (default %(default)s)")
     # The codec flags of `kvpack inference serve`, same names and types.
@@ -91,7 +92,8 @@ def method_spec(args: argparse.Namespace):
     if args.method not in allowed:
         parser.error(f"--method must be one of {', '.join(allowed)}, got {args.method!r}")
     if args.method == HF_QUANTO:
-        given = [dest for dest in METHOD_FLAGS if dest != "bits" and getattr(args, dest) is not None]
+        given = [dest for dest in METHOD_FLAGS
+                 if dest != "bits" and getattr(args, dest) is not None]
         if given:
             parser.error(f"--{given[0].replace('_', '-')} does not apply to --method {HF_QUANTO}")
         if args.bits not in (2, 4):

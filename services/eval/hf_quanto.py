@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from kvpack.eval.perplexity import PerplexityResult, check_protocol, summarize, token_nll
 
 QUANTO_BITS = (2, 4)

@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-
 from kvpack.eval.runner import EvalRunner, new_sequence_cache
 from kvpack.inference.methods import MethodSpec
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.\n")
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+          "There and back again.\n")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "What is the pass key? The pass key is"
 
@@ -94,8 +94,9 @@ def greedy_answer(runner: EvalRunner, loaded, spec: MethodSpec, prompt: list[int
 
 
 def passkey_eval(loaded, spec: MethodSpec, *, lengths: list[int], depths: list[float],
-                 trials: int = 1, seed: int = 0, max_new_tokens: int = 10, chunk_tokens: int = 256,
-                 cache_dtype: torch.dtype = torch.float16, progress: bool = False) -> dict[str, Any]:
+                 trials: int = 1, seed: int = 0, max_new_tokens: int = 10,
+                 chunk_tokens: int = 256, cache_dtype: torch.dtype = torch.float16,
+                 progress: bool = False) -> dict[str, Any]:
     """Accuracy per (length, depth) and overall. Keys are 5-digit numbers drawn from `seed`.
 
     Raises:

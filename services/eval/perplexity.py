@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-
 from kvpack.eval.runner import EvalRunner, new_sequence_cache
 from kvpack.inference.methods import MethodSpec
 
@@ -51,7 +50,8 @@ def check_protocol(num_tokens: int, prefill_tokens: int, chunk_tokens: int) -> N
     if num_tokens < 2:
         raise ValueError(f"tokens must be at least 2, got {num_tokens}")
     if not 1 <= prefill_tokens <= num_tokens:
-        raise ValueError(f"prefill_tokens must be in [1, tokens={num_tokens}], got {prefill_tokens}")
+        raise ValueError(
+            f"prefill_tokens must be in [1, tokens={num_tokens}], got {prefill_tokens}")
     if chunk_tokens < 1:
         raise ValueError(f"prefill_chunk_tokens must be positive, got {chunk_tokens}")
 

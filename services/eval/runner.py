@@ -1,19 +1,20 @@
 """The inference service's attention path, opened up for evaluation.
 
-Evaluation must measure exactly what serving computes, so it runs `kvpack.inference.runner.ModelRunner`
-over `kvpack.inference.kv_cache` caches. Two small additions live here rather than in the service:
+Evaluation must measure exactly what serving computes, so it runs
+`kvpack.inference.runner.ModelRunner` over `kvpack.inference.kv_cache` caches.
+Two small additions live here rather than in the service:
 
 - `EvalRunner.prefill_logits`: the service's `prefill` returns only the last position's logits;
   perplexity needs every position of a prefill chunk. It walks the same `_layer` as `prefill`.
-- `StoredAsLayerCache`: the cache stores keys and values in `cache_dtype` (16-bit by default, as on a
-  GPU) while the model computes in float32 on CPU, so bits per number count 16-bit scales, norms and
-  windows as deployed. Attention inputs are cast once on append; the codec math is unchanged.
+- `StoredAsLayerCache`: the cache stores keys and values in `cache_dtype` (16-bit by default, as
+  on a GPU) while the model computes in float32 on CPU, so bits per number count 16-bit scales,
+  norms and windows as deployed. Attention inputs are cast once on append; the codec math is
+  unchanged.
 """
 
 from __future__ import annotations
 
 import torch
-
 from kvpack.inference.kv_cache import LayerCache, SequenceCache
 from kvpack.inference.methods import PRE_ROPE_METHODS, MethodSpec, build_layer_codecs
 from kvpack.inference.runner import ModelRunner

@@ -29,9 +29,8 @@ def stories(shared_data: Path):
 
 @pytest.fixture(scope="session")
 def tiny16(stories):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from kvpack.inference.loader import LoadedModel
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -44,6 +43,7 @@ def tiny16(stories):
 @pytest.fixture(scope="session")
 def smollm2():
     from kvpack.inference.loader import load_model
+
     from kvpack.models import smollm2_path
 
     path = smollm2_path()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from kvpack.cli import main
 from kvpack.eval.perplexity import codec_perplexity
 from kvpack.inference.methods import MethodSpec
+
+from kvpack.cli import main
 
 
 @pytest.fixture

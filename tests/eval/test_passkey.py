@@ -4,7 +4,6 @@ stories260K (too small to retrieve anything) gives a deterministic, well-formed 
 from __future__ import annotations
 
 import pytest
-
 from kvpack.eval.passkey import NEEDLE, build_prompt, passkey_eval
 from kvpack.inference.methods import MethodSpec
 

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from kvpack.eval.hf_quanto import hf_quanto_perplexity
 from kvpack.eval.perplexity import codec_perplexity
 from kvpack.inference.methods import MethodSpec
@@ -45,9 +44,10 @@ def test_fp16_bits_per_element(tiny16, story_tokens, cache_dtype, bits):
 
 
 def test_kivi_bits_per_element_counts_every_byte(tiny16, story_tokens):
-    """KIVI-2, 32-token groups, no window, 80 tokens, head_dim 16 (value groups of 16 channels):
-    per (layer, head): keys 64 packed tokens x 16 x 2 bit + 2 groups x 16 channels x fp16 scale
-    and zero + a 16-token fp16 tail; values 64 x 16 x 2 bit + 64 x fp16 scale and zero + the tail."""
+    """KIVI-2, 32-token groups, no window, 80 tokens, head_dim 16 (value groups of 16 channels).
+
+    Per (layer, head): keys 64 packed tokens x 16 x 2 bit + 2 groups x 16 channels x fp16 scale
+    and zero + a 16-token fp16 tail; values 64 x 16 x 2 bit + 64 x fp16 scale and zero + tail."""
     spec = MethodSpec.of("kivi", {"bits": 2, "group_size": 32, "window": 0, "use_triton": False})
     result = codec_perplexity(tiny16, story_tokens, spec, prefill_tokens=16)
     keys = 64 * 16 * 2 + 2 * 16 * 2 * 16 + 16 * 16 * 16
