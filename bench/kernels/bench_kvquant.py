@@ -162,6 +162,78 @@ def _rows_for_bits(codec, tokens, k, v, q, p, device, roofline_gbps, timed) -> l
     return rows
 
 
+def kernel_stats() -> list[dict]:
+    """Registers and spills of every compiled kvquant kernel (from Triton's per-device cache)."""
+    stats = []
+    for name in ("_kvquant_key_scores_kernel", "_kvquant_attend_values_kernel",
+                 "_kvquant_pack_kernel"):
+        function = getattr(kvquant_triton, name)
+        for cache in function.device_caches.values():
+            for compiled in cache[0].values():
+                stats.append({"kernel": name, "num_warps": compiled.metadata.num_warps,
+                              "n_regs": getattr(compiled, "n_regs", None),
+                              "n_spills": getattr(compiled, "n_spills", None),
+                              "shared_bytes": compiled.metadata.shared})
+    return stats
+
+
+def ablations(tokens: int, device, roofline_gbps: float) -> list[dict]:
+    """Where the score and value kernels spend their time: each row removes one ingredient."""
+    heads_q, heads_kv, head_dim, bits = base.QUERY_HEADS, base.KV_HEADS, base.HEAD_DIM, 3
+    calibration = calibration_for(head_dim, heads_kv)
+    codec = codec_for(calibration, bits)
+    g = torch.Generator().manual_seed(tokens)
+    k = keys_like(calibration, 0, 1, tokens, g, outlier_rate=0.005).to(device, torch.bfloat16)
+    v = values_like(calibration, 1, tokens, g).to(device, torch.bfloat16)
+    q = torch.randn(1, heads_q, 1, head_dim, generator=g).to(device, torch.bfloat16)
+    p = torch.softmax(torch.randn(1, heads_q, 1, tokens, generator=g), -1).to(device)
+    keys, values = codec.encode_keys(k), codec.encode_values(v)
+    used, t = keys.used(), codec.tables(device)
+    out = torch.empty(1, heads_q, 1, tokens, device=device)
+    key_bytes = codec.nbytes(keys)
+
+    def score(q=q, codes=used["codes"], index=used["outlier_index"], delta=used["outlier_delta"],
+              inv_freq=t["inv_freq"], out=out):
+        kvquant_triton.key_scores(q, codes, index, delta, t["key_zero"], t["key_scale"],
+                                  t["key_lut"], inv_freq, 1.0, bits, token_start=1, out=out,
+                                  block_t=32, num_warps=4)
+
+    head0 = {name: x[:, :1] for name, x in used.items()}
+    rows = [
+        base.timed("score kernel (bt32 w4 words)", score, key_bytes, roofline_gbps),
+        base.timed("score kernel, no sparse slots", functools.partial(
+            score, index=used["outlier_index"][..., :0], delta=used["outlier_delta"][..., :0]),
+            key_bytes, roofline_gbps),
+        base.timed("score kernel, inv_freq 0 (cheap cos/sin)", functools.partial(
+            score, inv_freq=torch.zeros_like(t["inv_freq"])), key_bytes, roofline_gbps),
+        base.timed("score kernel, 1 KV head (4 query heads)", functools.partial(
+            score, q=q[:, :4].contiguous(), codes=head0["codes"], index=head0["outlier_index"],
+            delta=head0["outlier_delta"], out=out[:, :4].contiguous()),
+            key_bytes // heads_kv, roofline_gbps),
+    ]
+    value_used, value_bytes = values.used(), codec.nbytes(values)
+
+    def attend(p=p, index=value_used["outlier_index"], delta=value_used["outlier_delta"]):
+        kvquant_triton.attend_values(p, value_used["codes"], value_used["scale"],
+                                     value_used["zero"], index, delta, t["value_lut"], bits,
+                                     token_start=1)
+
+    rows += [
+        base.timed("value kernel (p float32)", attend, value_bytes, roofline_gbps),
+        base.timed("value kernel, p bfloat16", functools.partial(attend, p=p.to(torch.bfloat16)),
+                   value_bytes, roofline_gbps),
+        base.timed("value kernel, p bfloat16, no sparse slots", functools.partial(
+            attend, p=p.to(torch.bfloat16), index=value_used["outlier_index"][..., :0],
+            delta=value_used["outlier_delta"][..., :0]), value_bytes, roofline_gbps),
+        base.timed("bf16 q·Kᵀ (torch.matmul)", lambda: torch.matmul(
+            q.view(1, heads_kv, heads_q // heads_kv, head_dim), k.transpose(-1, -2)),
+            k.numel() * 2, roofline_gbps),
+    ]
+    for row in rows:
+        row["tokens"] = tokens
+    return rows
+
+
 def bits_per_number(device) -> dict:
     """Measured bits per K/V element at the benchmark shape (every stored byte)."""
     calibration = calibration_for(128, 8)
@@ -211,6 +283,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--tokens", default="8192,32768,131072,524288")
     parser.add_argument("--smoke", action="store_true", help="CPU interpreter dry run")
+    parser.add_argument("--ablate", action="store_true",
+                        help="only the ablation rows and kernel register/spill counts")
     args = parser.parse_args()
     device = torch.device("cuda")
     if args.smoke:  # TRITON_INTERPRET=1 must be set in the environment
@@ -230,6 +304,15 @@ def main() -> None:
                   "head_dim": base.HEAD_DIM, "dtype": "bfloat16", "batch": 1, "query_tokens": 1},
         "kvquant_params": {"bits": list(BITS), "outliers": 0.01, "sink_tokens": 1},
     }
+    if args.ablate:
+        results["roofline"] = base.copy_roofline(device)
+        results["ablations"] = [row for tokens in args.tokens.split(",")
+                                for row in ablations(int(tokens), device,
+                                                     results["roofline"]["GB_per_s"])]
+        results["kernel_stats"] = [] if args.smoke else kernel_stats()
+        print(json.dumps(results["kernel_stats"]))
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        return
     results["correctness"] = check_correctness(device)
     results["bits_per_number"] = bits_per_number(device)
     print("bits per number", results["bits_per_number"], flush=True)
