@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                  rope_theta=500000.0, rms_norm_eps=1e-5)
@@ -199,7 +198,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(REPO))
+    # kvpack must be installed (the checkout's top-level kvpack/ folder alone lacks the mapped
+    # subpackages), so run this from outside the repository root.
     from kvpack.inference.methods import MethodSpec, build_layer_codecs
     from kvpack.inference.runner import ModelRunner
 
