@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kvpack.kernels import kvquant_reference as reference
-from kvpack.kernels.codec import KVCodec, register_codec, should_use_triton
-from kvpack.kernels.gqa import query_group
-from kvpack.kernels.kvquant_calibration import KVQuantCalibration
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
+
+from . import kvquant_reference as reference
+from .codec import KVCodec, register_codec, should_use_triton
+from .gqa import query_group
+from .kvquant_calibration import KVQuantCalibration
 
 
 @dataclass
@@ -219,7 +220,7 @@ class KVQuantCodec(KVCodec):
         args = (t["key_zero"], t["key_scale"], t["key_boundaries"], t["key_lut"], self.bits,
                 self.num_slots)
         if should_use_triton(k, self.use_triton):
-            from kvpack.kernels import kvquant_triton
+            from . import kvquant_triton
 
             return kvquant_triton.quantize_keys(k, *args, index_dtype=self.index_dtype)
         codes, index, delta = reference.quantize_keys(k, *args)
@@ -265,7 +266,7 @@ class KVQuantCodec(KVCodec):
             sink = reference.apply_rope(keys.sink, positions[:num_sink], t["inv_freq"], scaling)
             out[..., :num_sink] = reference.scores(q, sink)
         if should_use_triton(q, self.use_triton):
-            from kvpack.kernels import kvquant_triton
+            from . import kvquant_triton
 
             kvquant_triton.key_scores(
                 q, used["codes"], used["outlier_index"], used["outlier_delta"], t["key_zero"],
@@ -298,7 +299,7 @@ class KVQuantCodec(KVCodec):
         t = self.tables(v.device)
         args = (t["value_boundaries"], t["value_lut"], self.bits, self.num_slots)
         if should_use_triton(v, self.use_triton):
-            from kvpack.kernels import kvquant_triton
+            from . import kvquant_triton
 
             return kvquant_triton.quantize_values(v, *args, index_dtype=self.index_dtype)
         codes, scale, zero, index, delta = reference.quantize_values(v, *args)
@@ -326,7 +327,7 @@ class KVQuantCodec(KVCodec):
         used = values.used()
         num_sink = values.sink.shape[2]
         if should_use_triton(p, self.use_triton):
-            from kvpack.kernels import kvquant_triton
+            from . import kvquant_triton
 
             out = kvquant_triton.attend_values(
                 p, used["codes"], used["scale"], used["zero"], used["outlier_index"],

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kvpack.kernels.kvquant_reference import check_bits
 from safetensors.torch import load_file, save_file
+
+from .kvquant_reference import check_bits
 
 ARTIFACT_FORMAT = 1
 METADATA_KEY = "kvpack.kvquant"

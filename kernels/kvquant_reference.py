@@ -27,7 +27,8 @@ from __future__ import annotations
 import math
 
 import torch
-from kvpack.kernels import bitpack
+
+from . import bitpack
 
 SUPPORTED_BITS = (2, 3, 4)
 # Smallest per-token value scale: a constant vector must not divide by zero (KIVI's defect).

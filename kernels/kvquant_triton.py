@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from kvpack.kernels.codec import triton_interpret_enabled
-from kvpack.kernels.gqa import query_group
+
+from .codec import triton_interpret_enabled
+from .gqa import query_group
 
 # --------------------------------------------------------------------------------------------
 # device helpers
@@ -251,15 +252,18 @@ def _kvquant_key_scores_kernel(
 
     HF rotate_half RoPE on the dequantized pre-RoPE key, split into halves k1 | k2:
     RoPE(k) = (k1 cos - k2 sin | k2 cos + k1 sin), angle = pos * inv_freq (KVQuant App. C).
-    One program: BLOCK_T tokens x BLOCK_M query rows (group heads x query tokens) of one batch
-    row, looping over the KV heads so cos/sin are computed once per token block.
+    One program: BLOCK_T tokens x BLOCK_M query rows (group heads x query tokens) of one
+    (batch row, KV head). NOTE: an earlier version looped over the KV heads inside the program to
+    share cos/sin; on the H100 that loop made 8 heads cost 30x one head (bench/results/
+    kvquant_ablations_h100_run2.json), while cos/sin themselves cost under 5%.
     A sparse outlier (channel c, delta) adds delta * (cos q[c] + sign sin q[(c + D/2) % D]),
     sign = +1 for c < D/2, else -1.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_t = tl.program_id(0)
     pid_m = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
+    pid_bh = tl.program_id(2).to(tl.int64)
+    batch, kv_head = pid_bh // num_kv_heads, pid_bh % num_kv_heads
     tokens = token_start + pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = tokens < num_tokens
     freq = tl.arange(0, HALF)
@@ -273,47 +277,46 @@ def _kvquant_key_scores_kernel(
     mask_m = rows < group_size * num_query_tokens
     head_in_group = rows // num_query_tokens
     query_token = rows % num_query_tokens
-    for kv_head in range(num_kv_heads):
-        query_head = kv_head * group_size + head_in_group
-        q_rows = Q_ptr + batch * stride_qb + query_head * stride_qh + query_token * stride_qt
-        q1 = tl.load(q_rows[:, None] + freq[None, :], mask=mask_m[:, None], other=0.0)
-        q2 = tl.load(q_rows[:, None] + HALF + freq[None, :], mask=mask_m[:, None], other=0.0)
+    query_head = kv_head * group_size + head_in_group
+    q_rows = Q_ptr + batch * stride_qb + query_head * stride_qh + query_token * stride_qt
+    q1 = tl.load(q_rows[:, None] + freq[None, :], mask=mask_m[:, None], other=0.0)
+    q2 = tl.load(q_rows[:, None] + HALF + freq[None, :], mask=mask_m[:, None], other=0.0)
 
-        code_rows = Codes_ptr + batch * stride_cb + kv_head * stride_ch + tokens * stride_ct
-        table = kv_head * HEAD_DIM
-        if WORDS:  # Codes_ptr is an int32 view of the rows; strides count words
-            codes1 = _load_half_codes(code_rows, 0, mask_t, HEAD_DIM, BITS, BLOCK_T)
-            codes2 = _load_half_codes(code_rows, 1, mask_t, HEAD_DIM, BITS, BLOCK_T)
-        else:
-            codes1 = _load_codes(code_rows, freq, mask_t, HEAD_DIM, BITS)
-            codes2 = _load_codes(code_rows, freq + HALF, mask_t, HEAD_DIM, BITS)
-        k1 = tl.load(Lut_ptr + codes1)
-        k1 = (k1 * tl.load(Scale_ptr + table + freq)[None, :]
-              + tl.load(Zero_ptr + table + freq)[None, :])
-        k2 = tl.load(Lut_ptr + codes2)
-        k2 = (k2 * tl.load(Scale_ptr + table + HALF + freq)[None, :]
-              + tl.load(Zero_ptr + table + HALF + freq)[None, :])
-        rotated1 = (k1 * cos - k2 * sin).to(q1.dtype)
-        rotated2 = (k2 * cos + k1 * sin).to(q1.dtype)
-        acc = _matmul_nt(q1, rotated1, USE_DOT, INPUT_PRECISION)
-        acc += _matmul_nt(q2, rotated2, USE_DOT, INPUT_PRECISION)
+    code_rows = Codes_ptr + batch * stride_cb + kv_head * stride_ch + tokens * stride_ct
+    table = kv_head * HEAD_DIM
+    if WORDS:  # Codes_ptr is an int32 view of the rows; strides count words
+        codes1 = _load_half_codes(code_rows, 0, mask_t, HEAD_DIM, BITS, BLOCK_T)
+        codes2 = _load_half_codes(code_rows, 1, mask_t, HEAD_DIM, BITS, BLOCK_T)
+    else:
+        codes1 = _load_codes(code_rows, freq, mask_t, HEAD_DIM, BITS)
+        codes2 = _load_codes(code_rows, freq + HALF, mask_t, HEAD_DIM, BITS)
+    k1 = tl.load(Lut_ptr + codes1)
+    k1 = (k1 * tl.load(Scale_ptr + table + freq)[None, :]
+          + tl.load(Zero_ptr + table + freq)[None, :])
+    k2 = tl.load(Lut_ptr + codes2)
+    k2 = (k2 * tl.load(Scale_ptr + table + HALF + freq)[None, :]
+          + tl.load(Zero_ptr + table + HALF + freq)[None, :])
+    rotated1 = (k1 * cos - k2 * sin).to(q1.dtype)
+    rotated2 = (k2 * cos + k1 * sin).to(q1.dtype)
+    acc = _matmul_nt(q1, rotated1, USE_DOT, INPUT_PRECISION)
+    acc += _matmul_nt(q2, rotated2, USE_DOT, INPUT_PRECISION)
 
-        slot_rows = batch * stride_ob + kv_head * stride_oh + tokens * stride_ot
-        for slot in tl.static_range(NUM_SLOTS):
-            channel = tl.load(Index_ptr + slot_rows + slot, mask=mask_t, other=0).to(tl.int32)
-            delta = tl.load(Delta_ptr + slot_rows + slot, mask=mask_t, other=0.0).to(tl.float32)
-            first_half = channel < HALF
-            partner = tl.where(first_half, channel + HALF, channel - HALF)
-            slot_angle = positions * tl.load(InvFreq_ptr + channel % HALF)
-            sign = tl.where(first_half, 1.0, -1.0)
-            q_own = tl.load(q_rows[:, None] + channel[None, :], mask=mask_m[:, None], other=0.0)
-            q_partner = tl.load(q_rows[:, None] + partner[None, :], mask=mask_m[:, None], other=0.0)
-            acc += (delta * tl.cos(slot_angle) * attention_scaling)[None, :] * q_own.to(tl.float32)
-            acc += (delta * sign * tl.sin(slot_angle) * attention_scaling)[None, :] * q_partner.to(
-                tl.float32)
+    slot_rows = batch * stride_ob + kv_head * stride_oh + tokens * stride_ot
+    for slot in tl.static_range(NUM_SLOTS):
+        channel = tl.load(Index_ptr + slot_rows + slot, mask=mask_t, other=0).to(tl.int32)
+        delta = tl.load(Delta_ptr + slot_rows + slot, mask=mask_t, other=0.0).to(tl.float32)
+        first_half = channel < HALF
+        partner = tl.where(first_half, channel + HALF, channel - HALF)
+        slot_angle = positions * tl.load(InvFreq_ptr + channel % HALF)
+        sign = tl.where(first_half, 1.0, -1.0)
+        q_own = tl.load(q_rows[:, None] + channel[None, :], mask=mask_m[:, None], other=0.0)
+        q_partner = tl.load(q_rows[:, None] + partner[None, :], mask=mask_m[:, None], other=0.0)
+        acc += (delta * tl.cos(slot_angle) * attention_scaling)[None, :] * q_own.to(tl.float32)
+        acc += (delta * sign * tl.sin(slot_angle) * attention_scaling)[None, :] * q_partner.to(
+            tl.float32)
 
-        out_rows = Out_ptr + batch * stride_sb + query_head * stride_sh + query_token * stride_sq
-        tl.store(out_rows[:, None] + tokens[None, :], acc, mask=mask_m[:, None] & mask_t[None, :])
+    out_rows = Out_ptr + batch * stride_sb + query_head * stride_sh + query_token * stride_sq
+    tl.store(out_rows[:, None] + tokens[None, :], acc, mask=mask_m[:, None] & mask_t[None, :])
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -340,7 +343,8 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     block_t = block_t or (16 if triton_interpret_enabled() else 64)
     input_precision = _input_precision(q.dtype)
-    grid = (triton.cdiv(num_tokens - token_start, block_t), triton.cdiv(rows, block_m), batch)
+    grid = (triton.cdiv(num_tokens - token_start, block_t), triton.cdiv(rows, block_m),
+            batch * num_kv_heads)
     if grid[0] == 0:
         return out
     if words is None:
@@ -435,7 +439,9 @@ def attend_values(p, codes, scale, zero, index, delta, lut, bits, token_start,
                           dtype=torch.float32, device=p.device)
     if span == 0:
         return partial[0]
-    input_precision = _input_precision(p.dtype)
+    # NOTE: float32 p runs the dot in tf32 (10-bit mantissa, about p's bf16 precision): an exact
+    # float32 dot made this kernel 5.7x slower on the H100 (kvquant_ablations_h100_run2.json).
+    input_precision = "tf32"
     grid = (num_splits, triton.cdiv(rows, block_m), batch * num_kv_heads)
     _kvquant_attend_values_kernel[grid](
         p, p.stride(0), p.stride(1), p.stride(2),
