@@ -14,7 +14,7 @@ $(BIN)/kvpack: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[inference,dev]"
+	$(BIN)/pip install -q -e ".[inference,eval,dev]"
 	touch $(BIN)/kvpack
 
 setup: system-deps $(BIN)/kvpack
