@@ -12,6 +12,9 @@ from kvpack.kernels.codec import CODECS, KVCodec, make_codec
 CODEC_MODULES = ("fp16", "kivi", "qjl", "kvquant")
 # Methods that store keys before RoPE and rotate them inside their score kernel.
 PRE_ROPE_METHODS = {"kvquant"}
+# The service's own defaults where the codec's differ (DESIGN.md: codecs default to window 0):
+# KIVI keeps its recent tokens in full precision (the paper's residual of 128), and so does QJL.
+SERVICE_DEFAULTS: dict[str, dict[str, Any]] = {"kivi": {"window": 128}, "qjl": {"window": 128}}
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,9 @@ class MethodSpec:
 
     @classmethod
     def of(cls, name: str, params: dict[str, Any] | None = None) -> MethodSpec:
-        return cls(name, tuple(sorted((params or {}).items())))
+        """`name` with `params` over the service defaults of that method."""
+        merged = {**SERVICE_DEFAULTS.get(name, {}), **(params or {})}
+        return cls(name, tuple(sorted(merged.items())))
 
     def merged(self, overrides: dict[str, Any]) -> MethodSpec:
         return MethodSpec.of(self.name, {**dict(self.params), **overrides})
