@@ -27,16 +27,37 @@ from pathlib import Path
 
 import torch
 
-LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                 rope_theta=500000.0, rms_norm_eps=1e-5)
-TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+LLAMA3_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+)
+TINY = dict(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+)
 METHODS = {
     "fp16": {},
     "kivi": {"bits": 2, "group_size": 32, "window": 128},
-    "qjl": {"sketch_dim": 256, "outlier_channels": 8, "outlier_sketch_dim": 256, "group_size": 32,
-            "value_bits": 2, "window": 128},
+    "qjl": {
+        "sketch_dim": 256,
+        "outlier_channels": 8,
+        "outlier_sketch_dim": 256,
+        "group_size": 32,
+        "value_bits": 2,
+        "window": 128,
+    },
 }
 FILL_CHUNK_TOKENS = 8192
 
@@ -92,9 +113,18 @@ def hf_cache(model, context: int):
     cache = DynamicCache(config=config)
     device, dtype = model.device, model.dtype
     for layer in range(config.num_hidden_layers):
-        parts = [synthetic_kv(layer, s, min(s + FILL_CHUNK_TOKENS, context),
-                              config.num_key_value_heads, config.head_dim, device, dtype)
-                 for s in range(0, context, FILL_CHUNK_TOKENS)]
+        parts = [
+            synthetic_kv(
+                layer,
+                s,
+                min(s + FILL_CHUNK_TOKENS, context),
+                config.num_key_value_heads,
+                config.head_dim,
+                device,
+                dtype,
+            )
+            for s in range(0, context, FILL_CHUNK_TOKENS)
+        ]
         keys = torch.cat([k for k, _ in parts], dim=2)
         values = torch.cat([v for _, v in parts], dim=2)
         del parts
@@ -105,9 +135,14 @@ def hf_cache(model, context: int):
 def hf_generate_seconds(model, cache, context: int, new_tokens: int, input_ids) -> float:
     sync(model.device)
     start = time.perf_counter()
-    model.generate(input_ids, past_key_values=cache, max_new_tokens=new_tokens,
-                   min_new_tokens=new_tokens, do_sample=False,
-                   attention_mask=torch.ones_like(input_ids))
+    model.generate(
+        input_ids,
+        past_key_values=cache,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        attention_mask=torch.ones_like(input_ids),
+    )
     sync(model.device)
     seconds = time.perf_counter() - start
     cache.crop(-(cache.get_seq_length() - context))  # back to the synthetic context
@@ -122,8 +157,10 @@ def bench_hf(model, context: int, decode_tokens: int) -> dict:
     hf_generate_seconds(model, cache, context, 2, input_ids)  # warm-up
     first = min(hf_generate_seconds(model, cache, context, 1, input_ids) for _ in range(2))
     total = hf_generate_seconds(model, cache, context, 1 + decode_tokens, input_ids)
-    result = {"decode_tokens_per_second": decode_tokens / (total - first),
-              "peak_memory_gib": peak_gib(device)}
+    result = {
+        "decode_tokens_per_second": decode_tokens / (total - first),
+        "peak_memory_gib": peak_gib(device),
+    }
     del cache
     return result
 
@@ -131,8 +168,12 @@ def bench_hf(model, context: int, decode_tokens: int) -> dict:
 def hf_step_logits(model, context: int, token: torch.Tensor) -> torch.Tensor:
     cache = hf_cache(model, context)
     with torch.inference_mode():
-        out = model(input_ids=token.view(1, 1), past_key_values=cache,
-                    position_ids=torch.tensor([[context]], device=model.device), use_cache=True)
+        out = model(
+            input_ids=token.view(1, 1),
+            past_key_values=cache,
+            position_ids=torch.tensor([[context]], device=model.device),
+            use_cache=True,
+        )
     return out.logits[0, -1].float()
 
 
@@ -142,12 +183,25 @@ def hf_step_logits(model, context: int, token: torch.Tensor) -> torch.Tensor:
 def kvpack_cache(runner, codecs, context: int, capacity: int):
     from kvpack.inference.kv_cache import SequenceCache
 
-    cache = SequenceCache(codecs, num_kv_heads=runner.num_kv_heads, head_dim=runner.head_dim,
-                          dtype=runner.dtype, device=runner.device, capacity=capacity)
+    cache = SequenceCache(
+        codecs,
+        num_kv_heads=runner.num_kv_heads,
+        head_dim=runner.head_dim,
+        dtype=runner.dtype,
+        device=runner.device,
+        capacity=capacity,
+    )
     for index, layer in enumerate(cache.layers):
         for start in range(0, context, FILL_CHUNK_TOKENS):
-            k, v = synthetic_kv(index, start, min(start + FILL_CHUNK_TOKENS, context),
-                                runner.num_kv_heads, runner.head_dim, runner.device, runner.dtype)
+            k, v = synthetic_kv(
+                index,
+                start,
+                min(start + FILL_CHUNK_TOKENS, context),
+                runner.num_kv_heads,
+                runner.head_dim,
+                runner.device,
+                runner.dtype,
+            )
             layer.append(k, v, None)
     return cache
 
@@ -176,9 +230,13 @@ def bench_kvpack(runner, codecs, context: int, decode_tokens: int, warmup_tokens
         step()
     sync(device)
     seconds = time.perf_counter() - started
-    result = {"decode_tokens_per_second": decode_tokens / seconds,
-              "peak_memory_gib": peak_gib(device), "fill_seconds": fill_seconds,
-              "cache_bytes": cache.nbytes(), "compression_ratio": cache.compression_ratio()}
+    result = {
+        "decode_tokens_per_second": decode_tokens / seconds,
+        "peak_memory_gib": peak_gib(device),
+        "fill_seconds": fill_seconds,
+        "cache_bytes": cache.nbytes(),
+        "compression_ratio": cache.compression_ratio(),
+    }
     return result  # the cache is freed with this frame
 
 
@@ -193,22 +251,37 @@ def attention_error(runner, codec, context: int) -> float:
     from kvpack.inference.kv_cache import LayerCache
 
     generator = torch.Generator(device=runner.device).manual_seed(7)
-    q = torch.randn(1, runner.num_heads, 1, runner.head_dim, generator=generator,
-                    device=runner.device).to(runner.dtype)
-    layer = LayerCache(codec, num_kv_heads=runner.num_kv_heads, dtype=runner.dtype,
-                       device=runner.device, capacity=context, pre_rope_keys=False)
+    q = torch.randn(
+        1, runner.num_heads, 1, runner.head_dim, generator=generator, device=runner.device
+    ).to(runner.dtype)
+    layer = LayerCache(
+        codec,
+        num_kv_heads=runner.num_kv_heads,
+        dtype=runner.dtype,
+        device=runner.device,
+        capacity=context,
+        pre_rope_keys=False,
+    )
     keys, values = [], []
     for start in range(0, context, FILL_CHUNK_TOKENS):
-        k, v = synthetic_kv(0, start, min(start + FILL_CHUNK_TOKENS, context),
-                            runner.num_kv_heads, runner.head_dim, runner.device, runner.dtype)
+        k, v = synthetic_kv(
+            0,
+            start,
+            min(start + FILL_CHUNK_TOKENS, context),
+            runner.num_kv_heads,
+            runner.head_dim,
+            runner.device,
+            runner.dtype,
+        )
         layer.append(k, v, None)
         keys.append(k)
         values.append(v)
     group = runner.num_heads // runner.num_kv_heads
     k = torch.cat(keys, dim=2).repeat_interleave(group, dim=1).float()
     v = torch.cat(values, dim=2).repeat_interleave(group, dim=1).float()
-    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k, v,
-                                                                 scale=runner.scaling)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k, v, scale=runner.scaling
+    )
     out = layer.attend(q, runner.scaling, 1).float()
     return ((out - reference).norm() / reference.norm()).item()
 
@@ -234,16 +307,25 @@ def main() -> int:
     methods = args.methods.split(",")
     model = build_model(TINY if args.smoke else LLAMA3_8B, max(contexts) + 1024, device, dtype)
     runner = ModelRunner(model)
-    codecs = {name: build_layer_codecs(MethodSpec.of(name, METHODS[name]),
-                                       num_layers=runner.num_layers, head_dim=runner.head_dim)
-              for name in methods}
+    codecs = {
+        name: build_layer_codecs(
+            MethodSpec.of(name, METHODS[name]),
+            num_layers=runner.num_layers,
+            head_dim=runner.head_dim,
+        )
+        for name in methods
+    }
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "model": "random-weight Llama-3-8B shape" if not args.smoke else "tiny (smoke)",
-        "dtype": str(dtype), "batch": 1, "decode_tokens": args.decode_tokens,
+        "dtype": str(dtype),
+        "batch": 1,
+        "decode_tokens": args.decode_tokens,
         "method_params": {name: METHODS[name] for name in methods},
-        "correctness": {}, "results": {},
+        "correctness": {},
+        "results": {},
     }
     import transformers
 
@@ -256,13 +338,15 @@ def main() -> int:
     for name in methods:
         report["correctness"][name] = {
             "context": context,
-            "attention_relative_l2_vs_sdpa": attention_error(runner, codecs[name][0], context)}
+            "attention_relative_l2_vs_sdpa": attention_error(runner, codecs[name][0], context),
+        }
     token = torch.tensor([7], device=device)
     reference = hf_step_logits(model, context, token)
     for name in methods:
         logits = kvpack_step_logits(runner, codecs[name], context, token)
         report["correctness"][name]["logits_relative_l2_vs_hf"] = (
-            (logits - reference).norm() / reference.norm()).item()
+            (logits - reference).norm() / reference.norm()
+        ).item()
         same_argmax = bool(logits.argmax() == reference.argmax())
         report["correctness"][name]["same_argmax_as_hf"] = same_argmax
         print(f"correctness {name}: {report['correctness'][name]}", flush=True)
@@ -288,8 +372,12 @@ def main() -> int:
 
     print(f"\n| context | {' | '.join(['hf_generate', *methods])} |  (decode tok/s, peak GiB)")
     for context, row in report["results"].items():
-        cells = [f"{r['decode_tokens_per_second']:.1f} / {r['peak_memory_gib']:.1f}"
-                 if "error" not in r else "OOM" for r in row.values()]
+        cells = [
+            f"{r['decode_tokens_per_second']:.1f} / {r['peak_memory_gib']:.1f}"
+            if "error" not in r
+            else "OOM"
+            for r in row.values()
+        ]
         print(f"| {context} | {' | '.join(cells)} |")
     return 0
 

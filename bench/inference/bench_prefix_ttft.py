@@ -38,13 +38,25 @@ def main() -> int:
     text = args.text.read_text(encoding="utf-8")
     ids = loaded.tokenizer.encode(text[: args.prompt_tokens * 12])[: args.prompt_tokens]
     store = KVStoreServer(KVStoreConfig(listen="127.0.0.1:0", capacity_bytes=4 << 30))
-    report = {"machine": platform.processor() or platform.machine(), "model": loaded.model_id,
-              "device": args.device, "block_tokens": args.block_tokens, "results": {}}
+    report = {
+        "machine": platform.processor() or platform.machine(),
+        "model": loaded.model_id,
+        "device": args.device,
+        "block_tokens": args.block_tokens,
+        "results": {},
+    }
     for method, params in METHODS.items():
         server = InferenceServer(
-            InferenceConfig(listen="127.0.0.1:0", kvstore=store.address, method=method,
-                            method_params=params, block_tokens=args.block_tokens,
-                            prefill_chunk_tokens=args.block_tokens), loaded=loaded)
+            InferenceConfig(
+                listen="127.0.0.1:0",
+                kvstore=store.address,
+                method=method,
+                method_params=params,
+                block_tokens=args.block_tokens,
+                prefill_chunk_tokens=args.block_tokens,
+            ),
+            loaded=loaded,
+        )
         stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(server.address))
         runs = []
         for _ in range(3):

@@ -287,6 +287,11 @@ class Engine:
                 self._guarded([sequence], self._prefill_chunk)
             if decoding:
                 self._guarded(decoding, self._decode_step)
+        while True:  # answer everything still queued too, so no caller waits forever
+            try:
+                self._active.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
         for sequence in self._active:
             sequence.handle.events.put(RuntimeError("server shutting down"))
 

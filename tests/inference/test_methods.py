@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from kvpack.inference.methods import MethodSpec, available_methods, build_layer_codecs
 
 
