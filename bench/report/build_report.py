@@ -114,8 +114,8 @@ def fidelity_table(name: str, data: dict) -> list[str]:
     fp16 = fp16_of(results)
     lines = [f"### Fidelity: `results/{name}.json`", "",
              f"{data.get('model', '?')}; first {data.get('tokens', '?')} tokens of "
-             f"`{data.get('text', '?')}`, {data.get('prefill_tokens', '?')}-token prefill then "
-             f"teacher-forced decode through the cache ({data.get('protocol', '')}). "
+             f"`{data.get('text', '?')}`, {data.get('prefill_tokens', '?')}-token prefill; "
+             f"{data.get('protocol', '')}. "
              f"Machine: {data.get('machine', '?')}. Reproduce: `python bench/eval/fidelity.py`.",
              "", "| method | parameters | bits / number | perplexity | vs fp16 | seconds |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
