@@ -6,7 +6,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from kvpack.common.flags import non_negative_int
+from kvpack.common.flags import non_negative_int, positive_int
 
 
 def bits_list(value: str) -> list[int]:
@@ -27,13 +27,6 @@ def fraction(value: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
     if not 0.0 <= number < 0.5:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 0.5), got {value}")
-    return number
-
-
-def positive_int(value: str) -> int:
-    number = non_negative_int(value)
-    if number == 0:
-        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
     return number
 
 

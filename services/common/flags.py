@@ -62,3 +62,10 @@ def non_negative_int(value: str) -> int:
     if number < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
     return number
+
+
+def positive_int(value: str) -> int:
+    number = non_negative_int(value)
+    if number == 0:
+        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
+    return number

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from kvpack.calibrate.cli import positive_int
+from kvpack.common.flags import positive_int
 from kvpack.inference.cli import METHOD_FLAGS, method_params
 
 HF_QUANTO = "hf-quanto"

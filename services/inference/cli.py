@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from kvpack.common.flags import host_port, non_negative_int
+from kvpack.common.flags import host_port, non_negative_int, positive_int
 from kvpack.common.lifecycle import serve_until_signalled
-from kvpack.inference.generate_cli import positive_int
 
 # Codec parameters exposed as flags of `inference serve`: dest -> (codec parameter, type, methods).
 METHOD_FLAGS: dict[str, tuple[str, type, tuple[str, ...]]] = {

@@ -6,14 +6,7 @@ import argparse
 import json
 import sys
 
-from kvpack.common.flags import host_port, non_negative_int
-
-
-def positive_int(value: str) -> int:
-    number = non_negative_int(value)
-    if number == 0:
-        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
-    return number
+from kvpack.common.flags import host_port, non_negative_int, positive_int
 
 
 def add_parser(subparsers, name: str, help_text: str) -> None:
