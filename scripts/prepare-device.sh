@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Stage what a GPU benchmark machine without network needs, in ignored folders carried to it:
-#   .whl/       wheels for Python 3.12 x86_64 (kvpack itself, grpc, redis-py, ...), no torch/triton
+#   .whl/       wheels for Python 3.12 x86_64 (grpc, redis-py, ...), no torch/triton, no kvpack
 #   .redisbin/  this machine's redis-server and redis-cli with their shared libraries
 # On the machine: `source bench/device_env.sh` installs the wheels and puts redis on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 mkdir -p .whl .redisbin
-rm -f .whl/kvpack-*.whl
-"$python" -m pip wheel -q --no-deps -w .whl .
+rm -f .whl/kvpack-*.whl  # kvpack is built on the machine from the tree (bench/device_env.sh)
+
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
 for package in grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 \
                redis==8.1.0 hiredis==3.5.0 xxhash==4.1.0 prometheus-client==0.26.0 gguf==0.19.0; do
