@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import triton.language as tl
 
 from . import qjl_reference, qjl_triton
 from .cache import FieldSpec
@@ -23,7 +22,6 @@ from .kivi import check_token_group, check_window
 from .packed_codec import KeyFormat, PackedKVCodec
 from .qjl_sketch import make_sketches, rounded
 from .queries_triton import sketch_rows_plane_major
-from .triton_common import score_dot_dtype
 from .values import PerTokenValues, default_channel_group
 
 
@@ -128,19 +126,28 @@ class QjlKeys(KeyFormat):
                 )
             )
             return
-        operand = torch.float32 if score_dot_dtype(q.dtype) == tl.float32 else torch.float16
-        key = ("query rows", key_dtype, q.device)
+        key = ("score operands", key_dtype, q.device)
         if key not in self._prepared:
-            self._prepared[key] = sketch_rows_plane_major(
-                sketch, qjl_triton.bytes_pad(self.sketch_dim // 8)
-            )
+            rows = sketch_rows_plane_major(sketch, qjl_triton.bytes_pad(self.sketch_dim // 8))
+            # a bound on |S_i q| / ||q|| (1e-3 above the largest row norm for rounding)
+            row_norm = sketch.norm(dim=1).max().item() * 1.001
+            if self.num_outliers:
+                operands = qjl_triton.outlier_operand_table(
+                    outlier_sketch, *qjl_triton.outlier_operand_format(key_dtype)
+                )
+            else:  # the kernel never reads them
+                placeholder = torch.zeros(1, 1, 1, device=q.device)
+                operands = {"table": placeholder, "colsum": placeholder}
+            self._prepared[key] = (rows, row_norm, operands)
+        rows, row_norm, operands = self._prepared[key]
         qjl_triton.key_scores(
             q,
             fields,
             num_tokens,
             out,
-            self._prepared[key],
-            self._planes("outlier", outlier_sketch, operand),
+            rows,
+            row_norm,
+            operands,
             self.sketch_dim,
             self.num_outliers,
             self.group_size,

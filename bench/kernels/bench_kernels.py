@@ -10,6 +10,7 @@ decoding one token against 8K..512K cached tokens. Timings are medians of triton
 written once); "% roofline" divides by a measured device-to-device copy.
 
 Another method is benchmarked by adding a function to METHOD_BENCHES (see `bench_kvquant`).
+`--only-qjl` runs the QJL kernels and the bf16 baselines only (sweep, correctness, timings).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from kvpack.kernels import (  # noqa: E402
     triton_common,
     values_triton,
 )
+from kvpack.kernels.queries_triton import prepare_queries  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 QUERY_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -65,6 +67,7 @@ KIVI_PARAMS = dict(bits=2, group_size=32)
 
 
 SMOKE = False  # --smoke: CPU interpreter, tiny shapes, wall-clock timing (checks the script only)
+ONLY_QJL = False  # --only-qjl: QJL rows and the bf16 baselines only
 
 
 def median_ms(fn) -> float:
@@ -106,6 +109,7 @@ def check_correctness(device) -> dict:
         dtype_name = str(dtype).removeprefix("torch.")
         name = f"{dtype_name}_d{head_dim}_gqa{hq // hkv}_tq{tq}_t{tokens}_out{outliers}"
         k = torch.randn(2, hkv, tokens, head_dim, device=device, dtype=dtype)
+        k[1, :, :, : head_dim // 16] *= 20  # batch row 1: a few large channels, as in real keys
         v = torch.randn(2, hkv, tokens, head_dim, device=device, dtype=dtype)
         q = torch.randn(2, hq, tq, head_dim, device=device, dtype=dtype)
         case = {}
@@ -133,27 +137,8 @@ def check_correctness(device) -> dict:
         case["qjl_score_all_written"] = bool(torch.isfinite(out).all().item())
         exact = _exact_scores(q, k)
         case["qjl_estimator_rel_err_vs_exact"] = rel_err(ref_scores, exact)
-        # KIVI keys
-        kivi = kernels.make_codec("kivi", head_dim=head_dim, **KIVI_PARAMS)
-        tri = kivi.key_format.pack(k, True)
-        ref = kivi.key_format.pack(k, False)
-        case["kivi_code_mismatch_fraction"] = _code_mismatch(tri["codes"], ref["codes"], 2)
-        case["kivi_scale_equal"] = bool(
-            torch.equal(tri["scale"], ref["scale"]) and torch.equal(tri["zero"], ref["zero"])
-        )
-        out = torch.full((2, hq, tq, tokens), float("nan"), device=device)
-        kivi.key_format.packed_scores(q, ref, tokens, out, True)
-        kivi.key_format.packed_scores(q, ref, tokens, ref_scores, False)
-        case["kivi_score_rel_err"] = rel_err(out, ref_scores)
-        case["kivi_quantization_rel_err_vs_exact"] = rel_err(ref_scores, exact)
-        # values
-        tri = kivi.value_format.pack(v, True)
-        ref = kivi.value_format.pack(v, False)
-        case["value_code_mismatch_fraction"] = _code_mismatch(tri["codes"], ref["codes"], 2)
-        p = torch.softmax(torch.randn(2, hq, tq, tokens, device=device), dim=-1)
-        out = kivi.value_format.packed_attend(p, ref, tokens, True)
-        ref_out = kivi.value_format.packed_attend(p, ref, tokens, False)
-        case["value_attend_rel_err"] = rel_err(out, ref_out)
+        if not ONLY_QJL:
+            _check_kivi_and_values(case, k, v, q, exact, tokens, device)
         # whole codec, bf16 path end to end: append token by token equals encode at once
         codec_cache = codec.encode_keys(k[:, :, :200])
         grown = codec.new_keys(2, hkv, dtype=dtype, device=device, capacity=200)
@@ -166,6 +151,33 @@ def check_correctness(device) -> dict:
         results[name] = case
         print(name, json.dumps(case), flush=True)
     return results
+
+
+def _check_kivi_and_values(case, k, v, q, exact, tokens, device) -> None:
+    """KIVI keys and 2-bit values vs their references (skipped by --only-qjl)."""
+    head_dim, hq, tq = k.shape[-1], q.shape[1], q.shape[2]
+    ref_scores = torch.empty(2, hq, tq, tokens, device=device)
+    # KIVI keys
+    kivi = kernels.make_codec("kivi", head_dim=head_dim, **KIVI_PARAMS)
+    tri = kivi.key_format.pack(k, True)
+    ref = kivi.key_format.pack(k, False)
+    case["kivi_code_mismatch_fraction"] = _code_mismatch(tri["codes"], ref["codes"], 2)
+    case["kivi_scale_equal"] = bool(
+        torch.equal(tri["scale"], ref["scale"]) and torch.equal(tri["zero"], ref["zero"])
+    )
+    out = torch.full((2, hq, tq, tokens), float("nan"), device=device)
+    kivi.key_format.packed_scores(q, ref, tokens, out, True)
+    kivi.key_format.packed_scores(q, ref, tokens, ref_scores, False)
+    case["kivi_score_rel_err"] = rel_err(out, ref_scores)
+    case["kivi_quantization_rel_err_vs_exact"] = rel_err(ref_scores, exact)
+    # values
+    tri = kivi.value_format.pack(v, True)
+    ref = kivi.value_format.pack(v, False)
+    case["value_code_mismatch_fraction"] = _code_mismatch(tri["codes"], ref["codes"], 2)
+    p = torch.softmax(torch.randn(2, hq, tq, tokens, device=device), dim=-1)
+    out = kivi.value_format.packed_attend(p, ref, tokens, True)
+    ref_out = kivi.value_format.packed_attend(p, ref, tokens, False)
+    case["value_attend_rel_err"] = rel_err(out, ref_out)
 
 
 SMOKE_CASES = [(torch.float32, 64, 8, 2, 2, 256, 4), (torch.float32, 48, 6, 2, 1, 256, 0)]
@@ -293,6 +305,40 @@ def bench_context(tokens: int, device, roofline_gbps: float) -> list[dict]:
         )
     )
     fmt = qjl.key_format
+    scores = torch.empty(1, QUERY_HEADS, 1, tokens, device=device)
+    rows.append(
+        timed(
+            "QJL score kernels only (query prep + score)",
+            lambda: fmt.packed_scores(q, keys.fields, tokens, scores, True),
+            key_bytes + score_out_bytes_f32,
+            roofline_gbps,
+        )
+    )
+    # where the time goes: the query prep alone, and keys without outlier channels
+    sketch_rows, row_norm, _ = fmt._prepared[("score operands", dtype, q.device)]
+    rows.append(
+        timed(
+            "QJL query prep only",
+            lambda: prepare_queries(q, KV_HEADS, sketch_rows, row_tile=QUERY_HEADS // KV_HEADS,
+                                    sketch_row_norm=row_norm),
+            q.numel() * q.element_size(),
+            roofline_gbps,
+        )
+    )  # fmt: skip
+    inlier_only = kernels.make_codec(
+        "qjl", head_dim=HEAD_DIM, **{**QJL_PARAMS, "outlier_channels": 0}
+    )
+    inlier_keys = inlier_only.new_keys(1, KV_HEADS, dtype=dtype, device=device, capacity=tokens)
+    inlier_only.append_keys(inlier_keys, k)
+    inlier_bytes = inlier_only.nbytes(inlier_keys)
+    rows.append(
+        timed(
+            "QJL score without outlier channels (diagnostic)",
+            lambda: inlier_only.key_scores(q, inlier_keys),
+            inlier_bytes + score_out_bytes_f32,
+            roofline_gbps,
+        )
+    )
     rows.append(
         timed(
             "QJL quantize keys (fused kernel)",
@@ -301,6 +347,18 @@ def bench_context(tokens: int, device, roofline_gbps: float) -> list[dict]:
             roofline_gbps,
         )
     )
+    rows.append(
+        timed(
+            "QJL quantize without outlier channels (diagnostic)",
+            lambda: inlier_only.key_format.pack(k, True),
+            kv_bytes + inlier_bytes,
+            roofline_gbps,
+        )
+    )
+    if ONLY_QJL:
+        for row in rows:
+            row["tokens"] = tokens
+        return rows
     # KIVI
     kivi = kernels.make_codec("kivi", head_dim=HEAD_DIM, **KIVI_PARAMS)
     kivi_keys = kivi.new_keys(1, KV_HEADS, dtype=dtype, device=device, capacity=tokens)
@@ -381,6 +439,7 @@ def _variant_error(kind: str, device) -> float:
         return max(
             _bit_mismatch(got["signs"], want["signs"]),
             _bit_mismatch(got["outlier_signs"], want["outlier_signs"]),
+            (got["outlier_index"] != want["outlier_index"]).float().mean().item(),
         )
     fields = fmt.pack(k, False)
     q = torch.randn(1, QUERY_HEADS, 1, HEAD_DIM, device=device, dtype=dtype)
@@ -393,12 +452,19 @@ def _variant_error(kind: str, device) -> float:
 
 # knob module, knob names, candidate settings, what to time, correctness bound
 SWEEPS = {
-    "score": (qjl_triton, ("SCORE_TILE_GROUPS", "SCORE_NUM_WARPS"),
-              [(t, w) for t in (1, 2, 4, 8) for w in (4, 8)], 1e-3),
-    "quantize": (qjl_triton, ("QUANTIZE_NUM_WARPS",), [(4,), (8,)], 1e-3),
+    "score": (qjl_triton,
+              ("SCORE_TILE_TOKENS", "SCORE_NUM_WARPS", "SCORE_NUM_STAGES", "SCORE_PROGRAMS_PER_SM"),
+              [(128, 4, 2, 4), (128, 4, 3, 4), (128, 4, 2, 5), (128, 4, 3, 8), (256, 8, 2, 4),
+               (256, 8, 3, 2)],
+              1e-3),
+    "quantize": (qjl_triton,
+                 ("QUANTIZE_TILE_TOKENS", "QUANTIZE_NUM_WARPS", "QUANTIZE_PROGRAMS_PER_SM"),
+                 [(64, 4, 2), (64, 4, 3), (128, 8, 1)],
+                 1e-3),
     "values": (values_triton, ("ATTEND_BLOCK_T", "ATTEND_NUM_WARPS"),
                [(b, w) for b in (32, 64, 128) for w in (4, 8)], 1e-2),
 }  # fmt: skip
+QJL_SWEEPS = ("score", "quantize")
 
 
 def sweep_settings(device, tokens: int) -> dict:
@@ -424,6 +490,8 @@ def sweep_settings(device, tokens: int) -> dict:
     }
     report = {}
     for kind, (module, names, candidates, bound) in SWEEPS.items():
+        if ONLY_QJL and kind not in QJL_SWEEPS:
+            continue
         default = tuple(getattr(module, name) for name in names)
         rows = []
         for setting in candidates[:2] if SMOKE else candidates:
@@ -472,10 +540,13 @@ def markdown(results: dict) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for tokens, ratio in results["ratios"].items():
+        kivi, values = (
+            f"{ratio[name]:.2f}x" if name in ratio else "-"
+            for name in ("kivi_score_speedup", "value_attend_speedup")
+        )
         lines.append(
-            f"| {int(tokens) // 1024}K | {ratio['qjl_score_speedup']:.2f}x | "
-            f"{ratio['kivi_score_speedup']:.2f}x | "
-            f"{ratio['value_attend_speedup']:.2f}x | {ratio['qjl_quantize_ms']:.3f} |"
+            f"| {int(tokens) // 1024}K | {ratio['qjl_score_speedup']:.2f}x | {kivi} | {values} | "
+            f"{ratio['qjl_quantize_ms']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -488,9 +559,13 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="CPU interpreter dry run of the script"
     )
+    parser.add_argument(
+        "--only-qjl", action="store_true", help="QJL kernels and the bf16 baselines only"
+    )
     args = parser.parse_args()
-    global SMOKE, QUERY_HEADS, KV_HEADS, HEAD_DIM
+    global SMOKE, ONLY_QJL, QUERY_HEADS, KV_HEADS, HEAD_DIM
     SMOKE = args.smoke
+    ONLY_QJL = args.only_qjl
     device = torch.device("cpu" if SMOKE else "cuda")
     if SMOKE:
         QUERY_HEADS, KV_HEADS, HEAD_DIM = 4, 2, 64
@@ -538,22 +613,27 @@ def main() -> None:
         ratios[str(tokens)] = {
             "qjl_score_speedup": by_op["bf16 q·Kᵀ (torch.matmul)"]
             / by_op["QJL score (codec.key_scores)"],
-            "kivi_score_speedup": by_op["bf16 q·Kᵀ (torch.matmul)"]
-            / by_op["KIVI-2 score (codec.key_scores)"],
-            "value_attend_speedup": by_op["bf16 p·V (torch.matmul)"]
-            / by_op["2-bit value attention (codec.attend_values)"],
             "qjl_quantize_ms": by_op["QJL quantize keys (fused kernel)"],
         }
+        if not ONLY_QJL:
+            ratios[str(tokens)]["kivi_score_speedup"] = (
+                by_op["bf16 q·Kᵀ (torch.matmul)"] / by_op["KIVI-2 score (codec.key_scores)"]
+            )
+            ratios[str(tokens)]["value_attend_speedup"] = (
+                by_op["bf16 p·V (torch.matmul)"]
+                / by_op["2-bit value attention (codec.attend_values)"]
+            )
     results["ratios"] = ratios
     results["targets"] = {
         "qjl_score_speedup_at_128K_plus_ge_2.5": any(int(t) >= 131072 for t in ratios)
         and all(r["qjl_score_speedup"] >= 2.5 for t, r in ratios.items() if int(t) >= 131072),
         "qjl_quantize_512K_le_1ms": ratios.get("524288", {}).get("qjl_quantize_ms", math.inf)
         <= 1.0,
-        "value_attend_2bit_faster_than_bf16": all(
-            r["value_attend_speedup"] > 1 for r in ratios.values()
-        ),
     }
+    if not ONLY_QJL:
+        results["targets"]["value_attend_2bit_faster_than_bf16"] = all(
+            r["value_attend_speedup"] > 1 for r in ratios.values()
+        )
     results["wall_seconds"] = time.time() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

@@ -212,13 +212,43 @@ def test_bfloat16_reference_path():
     assert ((scores - exact).norm() / exact.norm()) < 0.6
 
 
-@pytest.mark.parametrize("tile_groups", [1, 4])
-def test_score_tile_sizes_agree(monkeypatch, tile_groups):
-    # Any number of groups per loop step computes the same scores (the benchmark times several).
-    monkeypatch.setattr(qjl_triton, "SCORE_TILE_GROUPS", tile_groups)
+@pytest.mark.parametrize("tile_tokens,max_row_tile", [(16, 16), (64, 2), (64, 1)])
+def test_score_tile_sizes_agree(monkeypatch, tile_tokens, max_row_tile):
+    # Any number of groups per loop step and any row tiling compute the same scores (the
+    # benchmark times several); 6 rows per KV head in tiles of 2 or 1 take several row tiles.
+    monkeypatch.setattr(qjl_triton, "SCORE_TILE_TOKENS", tile_tokens)
+    monkeypatch.setattr(qjl_triton, "SCORE_MAX_ROW_TILE", max_row_tile)
     ref, tri = _codecs(32, sketch_dim=32, outlier_channels=3, outlier_sketch_dim=16, group_size=16)
     keys = ref.encode_keys(torch.randn(1, 2, 80, 32))  # 5 groups per head: the last tile is partial
-    q = torch.randn(1, 4, 2, 32)
+    q = torch.randn(1, 4, 3, 32)
     torch.testing.assert_close(
         tri.key_scores(q, keys), ref.key_scores(q, keys), rtol=1e-4, atol=1e-4
     )
+
+
+@pytest.mark.parametrize("tile_tokens", [16, 64])
+def test_quantize_tile_sizes_agree(monkeypatch, tile_tokens):
+    # One or several groups per loop step (the block-diagonal outlier operand spans them).
+    monkeypatch.setattr(qjl_triton, "QUANTIZE_TILE_TOKENS", tile_tokens)
+    ref, tri = _codecs(32, sketch_dim=32, outlier_channels=3, outlier_sketch_dim=16, group_size=16)
+    k = torch.randn(1, 2, 80, 32)
+    expected = ref.key_format.pack(k, False)
+    actual = tri.key_format.pack(k, True)
+    for name in ("signs", "outlier_signs", "outlier_index"):
+        assert torch.equal(actual[name], expected[name]), name
+    for name in ("norm", "outlier_norm"):
+        torch.testing.assert_close(actual[name], expected[name], rtol=2e-3, atol=1e-6)
+
+
+def test_zero_keys_pack_zero_bits():
+    # The reference's bits are `projection > 0`: a key that is zero (or zero outside its outlier
+    # channels) has all-zero inlier bits, on both paths.
+    ref, tri = _codecs(32, sketch_dim=32, outlier_channels=2, outlier_sketch_dim=16, group_size=16)
+    k = torch.randn(1, 1, 32, 32)
+    k[0, 0, 3] = 0.0
+    k[0, 0, 20, 2:] = 0.0  # may be all-outlier: then its inlier part is zero
+    expected = ref.key_format.pack(k, False)
+    actual = tri.key_format.pack(k, True)
+    assert (expected["signs"][0, 0, 3] == 0).all()
+    assert torch.equal(actual["signs"], expected["signs"])
+    assert torch.equal(actual["outlier_signs"], expected["outlier_signs"])
