@@ -48,6 +48,16 @@ class GetRequest(_message.Message):
     block_hash: bytes
     def __init__(self, namespace: _Optional[str] = ..., block_hash: _Optional[bytes] = ...) -> None: ...
 
+class GetWholeRequest(_message.Message):
+    __slots__ = ("namespace", "block_hash", "max_bytes")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    block_hash: bytes
+    max_bytes: int
+    def __init__(self, namespace: _Optional[str] = ..., block_hash: _Optional[bytes] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
 class GetManyRequest(_message.Message):
     __slots__ = ("namespace", "block_hashes")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]

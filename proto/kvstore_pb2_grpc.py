@@ -54,6 +54,16 @@ class KVStoreStub:
                 request_serializer=kvpack_dot_proto_dot_kvstore__pb2.GetManyRequest.SerializeToString,
                 response_deserializer=kvpack_dot_proto_dot_kvstore__pb2.GetChunk.FromString,
                 _registered_method=True)
+        self.PutWhole = channel.unary_unary(
+                '/kvpack.v1.KVStore/PutWhole',
+                request_serializer=kvpack_dot_proto_dot_kvstore__pb2.PutChunk.SerializeToString,
+                response_deserializer=kvpack_dot_proto_dot_kvstore__pb2.PutResponse.FromString,
+                _registered_method=True)
+        self.GetWhole = channel.unary_unary(
+                '/kvpack.v1.KVStore/GetWhole',
+                request_serializer=kvpack_dot_proto_dot_kvstore__pb2.GetWholeRequest.SerializeToString,
+                response_deserializer=kvpack_dot_proto_dot_kvstore__pb2.GetChunk.FromString,
+                _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/kvpack.v1.KVStore/Delete',
                 request_serializer=kvpack_dot_proto_dot_kvstore__pb2.DeleteRequest.SerializeToString,
@@ -100,6 +110,22 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutWhole(self, request, context):
+        """The whole record as one PutChunk (offset 0, data = all total_bytes): the same checks and
+        outcomes as Put, without a stream's per-message cost. For records that fit in one message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWhole(self, request, context):
+        """The whole record in one GetChunk if it is at most `max_bytes`; a larger record is answered
+        found=true, total_bytes=its size and no data (fetch it with Get). A miss is found=false.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Delete(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -133,6 +159,16 @@ def add_KVStoreServicer_to_server(servicer, server):
             'GetMany': grpc.unary_stream_rpc_method_handler(
                     servicer.GetMany,
                     request_deserializer=kvpack_dot_proto_dot_kvstore__pb2.GetManyRequest.FromString,
+                    response_serializer=kvpack_dot_proto_dot_kvstore__pb2.GetChunk.SerializeToString,
+            ),
+            'PutWhole': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutWhole,
+                    request_deserializer=kvpack_dot_proto_dot_kvstore__pb2.PutChunk.FromString,
+                    response_serializer=kvpack_dot_proto_dot_kvstore__pb2.PutResponse.SerializeToString,
+            ),
+            'GetWhole': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWhole,
+                    request_deserializer=kvpack_dot_proto_dot_kvstore__pb2.GetWholeRequest.FromString,
                     response_serializer=kvpack_dot_proto_dot_kvstore__pb2.GetChunk.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
@@ -253,6 +289,60 @@ class KVStore:
             target,
             '/kvpack.v1.KVStore/GetMany',
             kvpack_dot_proto_dot_kvstore__pb2.GetManyRequest.SerializeToString,
+            kvpack_dot_proto_dot_kvstore__pb2.GetChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutWhole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpack.v1.KVStore/PutWhole',
+            kvpack_dot_proto_dot_kvstore__pb2.PutChunk.SerializeToString,
+            kvpack_dot_proto_dot_kvstore__pb2.PutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWhole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpack.v1.KVStore/GetWhole',
+            kvpack_dot_proto_dot_kvstore__pb2.GetWholeRequest.SerializeToString,
             kvpack_dot_proto_dot_kvstore__pb2.GetChunk.FromString,
             options,
             channel_credentials,

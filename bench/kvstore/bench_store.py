@@ -1,10 +1,19 @@
 """Put/Get throughput through the kvstore service vs raw redis-py SET/GET, side by side in one run.
 
-    python bench/kvstore/bench_store.py --out bench/results/kvstore_throughput.json
+    python bench/kvstore/bench_store.py --machine "NAME" --out bench/results/kvstore_throughput.json
 
-Starts its own redis-server (no persistence) on a free loopback port and a kvstore in-process on
-the Redis backend (and one on the memory backend for reference). For each block size it times
-`repeats` sequential operations from one client and reports the median per-operation throughput.
+Starts its own redis-server (no persistence) on a free loopback port and two kvstores as separate
+processes, the way they are deployed (`kvpack kvstore serve`): one on that Redis, one on the memory
+backend (for reference). For each block size it runs `repeats` rounds; a round does one raw SET,
+one service Put (each backend), then one raw GET and one service Get of the same record, so the
+things compared share the machine's load at that moment. It reports the median per-operation
+throughput of each. GetMany fetches up to 256 MiB of blocks in one call (5 rounds).
+
+This process (the client of both redis-py and the service) reuses freed memory the way the service
+does (kvpack.kvstore.allocator); `--default-allocator` measures both clients with glibc's defaults.
+The target compares with redis-py as installed (hiredis packs commands); the service sends values
+with redis-py's Python packer (kvpack.kvstore.backends.redis), so raw SET is also timed that way
+("raw SET, service's packer") to show how much of Put's ratio that choice accounts for.
 """
 
 from __future__ import annotations
@@ -17,18 +26,22 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from contextlib import ExitStack
 
 import redis
 
 from kvpack.common import record
 from kvpack.common.hashing import block_hashes
-from kvpack.kvstore.client import KVStoreClient
-from kvpack.kvstore.server import KVStoreConfig, KVStoreServer
+from kvpack.kvstore.allocator import keep_freed_memory
+from kvpack.kvstore.backends.redis import ValueSendingConnection
+from kvpack.kvstore.client import KVStoreClient, StoreError
 
 PARALLEL_STREAMS = 4
 SIZES = {"64KiB": 64 << 10, "1MiB": 1 << 20, "4MiB": 4 << 20, "16MiB": 16 << 20}
+GET_MANY_ROUNDS = 5
 
 
 def free_port() -> int:
@@ -37,81 +50,149 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def median_mb_per_s(operation, size_bytes: int, repeats: int) -> float:
-    seconds = []
-    for index in range(repeats):
-        start = time.perf_counter()
-        operation(index)
-        seconds.append(time.perf_counter() - start)
+def start_redis(stack: ExitStack) -> redis.Redis:
+    port = free_port()
+    process = subprocess.Popen(
+        [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", stack.enter_context(tempfile.TemporaryDirectory())],
+        stdout=subprocess.DEVNULL)
+    stack.callback(process.kill)
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            return client
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+def start_kvstore(stack: ExitStack, *backend_args: str) -> str:
+    """A `kvpack kvstore serve` process; its address once it answers."""
+    address = f"127.0.0.1:{free_port()}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvpack", "kvstore", "serve", "--listen", address,
+         "--metrics-port", "0", *backend_args], stdout=subprocess.DEVNULL)
+    stack.callback(process.wait)
+    stack.callback(process.terminate)
+    with KVStoreClient(address, timeout_seconds=1, retries=0) as client:
+        for _ in range(300):
+            try:
+                client.stats()
+                return address
+            except StoreError:
+                if process.poll() is not None:
+                    raise RuntimeError(f"kvstore {backend_args} exited") from None
+                time.sleep(0.1)
+    raise RuntimeError(f"kvstore {backend_args} did not answer")
+
+
+def timed_rounds(operations: dict[str, callable], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each operation per round; each round runs every operation once, in order."""
+    seconds: dict[str, list[float]] = {name: [] for name in operations}
+    for index in range(rounds):
+        for name, operation in operations.items():
+            start = time.perf_counter()
+            operation(index)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def mb_per_s(size_bytes: int, seconds: list[float]) -> float:
     return size_bytes / statistics.median(seconds) / 1e6
+
+
+def measure_size(raw: redis.Redis, raw_like_service: redis.Redis, clients: dict[str, KVStoreClient],
+                 parallel: dict[str, KVStoreClient], label: str, size: int, repeats: int) -> dict:
+    data = record.encode(record.RecordHeader.for_namespace("bench"), os.urandom(size - 200))
+    hashes = block_hashes(list(range(repeats)), 1)
+    raw_keys = [f"raw:{i}" for i in range(repeats)]
+    row = {"block": label, "record_bytes": len(data)}
+
+    puts = {"raw_redis_set": lambda i: raw.set(raw_keys[i], data),
+            "raw_redis_set_service_packer": lambda i: raw_like_service.set(raw_keys[i], data)}
+    gets = {"raw_redis_get": lambda i: raw.get(raw_keys[i])}
+    for backend, client in clients.items():
+        puts[f"service_{backend}_put"] = lambda i, c=client: c.put("bench", hashes[i], data)
+        gets[f"service_{backend}_get"] = lambda i, c=client: _check(c.get("bench", hashes[i]))
+    for name, seconds in {**timed_rounds(puts, repeats), **timed_rounds(gets, repeats)}.items():
+        row[f"{name}_mb_s"] = mb_per_s(len(data), seconds)
+
+    batch = hashes[: max(1, min(repeats, (256 << 20) // len(data)))]
+    many = {}
+    for backend in clients:
+        many[f"service_{backend}_get_many"] = (
+            lambda i, c=clients[backend]: _check(*c.get_many("bench", batch)))
+        many[f"service_{backend}_get_many_parallel"] = (
+            lambda i, c=parallel[backend]: _check(*c.get_many("bench", batch)))
+    for name, seconds in timed_rounds(many, GET_MANY_ROUNDS).items():
+        row[f"{name}_mb_s"] = mb_per_s(len(data) * len(batch), seconds)
+
+    raw.delete(*raw_keys)
+    for client in clients.values():
+        for block_hash in hashes:
+            client.delete("bench", block_hash)
+    row["put_vs_raw"] = row["service_redis_put_mb_s"] / row["raw_redis_set_mb_s"]
+    row["put_vs_raw_service_packer"] = (row["service_redis_put_mb_s"]
+                                        / row["raw_redis_set_service_packer_mb_s"])
+    row["get_vs_raw"] = row["service_redis_get_mb_s"] / row["raw_redis_get_mb_s"]
+    row["get_many_vs_raw"] = row["service_redis_get_many_mb_s"] / row["raw_redis_get_mb_s"]
+    row["get_many_parallel_vs_raw"] = (row["service_redis_get_many_parallel_mb_s"]
+                                       / row["raw_redis_get_mb_s"])
+    return row
+
+
+def _check(*blocks: bytes | None) -> None:
+    if any(block is None for block in blocks):
+        raise RuntimeError("a block put by the benchmark came back as a miss")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--sizes", default=",".join(SIZES),
+                        help=f"comma-separated subset of {', '.join(SIZES)} (default: all)")
+    parser.add_argument("--machine", default=None,
+                        help="what to call this machine in the results (default: host name, CPUs)")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave this process on glibc's allocator defaults")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    sizes = {label: SIZES[label] for label in args.sizes.split(",")}
+    allocator = "glibc defaults" if args.default_allocator else "freed memory kept"
+    if not args.default_allocator and not keep_freed_memory():
+        allocator = "glibc defaults (mallopt unavailable)"
 
-    port = free_port()
-    workdir = tempfile.mkdtemp()
-    redis_process = subprocess.Popen(
-        [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
-    raw = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            raw.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    servers = {
-        "redis": KVStoreServer(KVStoreConfig(listen="127.0.0.1:0", backend=f"redis://127.0.0.1:{port}/0")),
-        "memory": KVStoreServer(KVStoreConfig(listen="127.0.0.1:0", capacity_bytes=4 << 30)),
-    }
     rows = []
-    try:
-        for label, size in SIZES.items():
-            payload = os.urandom(size - 200)
-            data = record.encode(record.RecordHeader.for_namespace("bench"), payload)
-            hashes = block_hashes(list(range(args.repeats)), 1)
-            row = {"block": label, "record_bytes": len(data)}
-            raw_keys = [f"raw:{i}" for i in range(args.repeats)]
-            row["raw_redis_set_mb_s"] = median_mb_per_s(lambda i: raw.set(raw_keys[i], data), len(data), args.repeats)
-            row["raw_redis_get_mb_s"] = median_mb_per_s(lambda i: raw.get(raw_keys[i]), len(data), args.repeats)
-            raw.delete(*raw_keys)
-            for backend, server in servers.items():
-                with KVStoreClient(server.address) as client:
-                    row[f"service_{backend}_put_mb_s"] = median_mb_per_s(
-                        lambda i: client.put("bench", hashes[i], data), len(data), args.repeats)
-                    row[f"service_{backend}_get_mb_s"] = median_mb_per_s(
-                        lambda i: client.get("bench", hashes[i]), len(data), args.repeats)
-                    batch = hashes[: max(1, min(args.repeats, (256 << 20) // len(data)))]
-                    row[f"service_{backend}_get_many_mb_s"] = median_mb_per_s(
-                        lambda i: client.get_many("bench", batch), len(data) * len(batch), 5)
-                with KVStoreClient(server.address, streams=PARALLEL_STREAMS) as parallel:
-                    row[f"service_{backend}_get_many_parallel_mb_s"] = median_mb_per_s(
-                        lambda i: parallel.get_many("bench", batch), len(data) * len(batch), 5)
-                with KVStoreClient(server.address) as client:
-                    for block_hash in hashes:
-                        client.delete("bench", block_hash)
-            row["put_vs_raw"] = row["service_redis_put_mb_s"] / row["raw_redis_set_mb_s"]
-            row["get_vs_raw"] = row["service_redis_get_mb_s"] / row["raw_redis_get_mb_s"]
-            row["get_many_vs_raw"] = row["service_redis_get_many_mb_s"] / row["raw_redis_get_mb_s"]
-            row["get_many_parallel_vs_raw"] = (row["service_redis_get_many_parallel_mb_s"]
-                                               / row["raw_redis_get_mb_s"])
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    with ExitStack() as stack:
+        raw = start_redis(stack)
+        redis_port = raw.connection_pool.connection_kwargs["port"]
+        raw_like_service = redis.Redis(connection_pool=redis.ConnectionPool(
+            port=redis_port, connection_class=ValueSendingConnection))
+        addresses = {
+            "redis": start_kvstore(stack, "--backend", f"redis://127.0.0.1:{redis_port}/0"),
+            "memory": start_kvstore(stack, "--backend", "memory://",
+                                    "--capacity-bytes", str(4 << 30)),
+        }
+        clients = {b: stack.enter_context(KVStoreClient(a)) for b, a in addresses.items()}
+        parallel = {b: stack.enter_context(KVStoreClient(a, streams=PARALLEL_STREAMS))
+                    for b, a in addresses.items()}
+        for label, size in sizes.items():
+            rows.append(measure_size(raw, raw_like_service, clients, parallel, label, size,
+                                     args.repeats))
+            print(json.dumps(rows[-1]), flush=True)
         redis_version = raw.info("server")["redis_version"]
-    finally:
-        for server in servers.values():
-            server.stop(0)
-        redis_process.kill()
     result = {
-        "benchmark": "kvstore put/get throughput, one client, sequential, median of repeats; GetMany fetches up to 256 MiB of blocks in one call",
-        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
+        "benchmark": "kvstore put/get throughput, one client, sequential, median of repeats; "
+                     "raw redis-py and the service interleaved round by round; the service runs "
+                     "as its own process (kvpack kvstore serve); GetMany fetches up to 256 MiB of "
+                     "blocks in one call",
+        "machine": args.machine or f"{platform.node()} ({os.cpu_count()} CPUs, "
+                                   f"{platform.processor() or platform.machine()})",
         "redis_version": redis_version,
         "redis_py": redis.__version__,
         "hiredis": redis.utils.HIREDIS_AVAILABLE,
+        "client_allocator": allocator,
         "repeats": args.repeats,
         "rows": rows,
     }
@@ -123,18 +204,23 @@ def main() -> None:
 
 def markdown_table(result: dict) -> str:
     lines = [
-        f"Machine: {result['machine']}; Redis {result['redis_version']}, redis-py {result['redis_py']}"
-        f" (hiredis: {result['hiredis']}); median of {result['repeats']} sequential ops, MB/s.",
+        f"Machine: {result['machine']}; Redis {result['redis_version']}, redis-py "
+        f"{result['redis_py']} (hiredis: {result['hiredis']}); client allocator: "
+        f"{result.get('client_allocator', 'glibc defaults')}; median of {result['repeats']} "
+        "sequential ops, MB/s.",
         "",
-        "| block | raw SET | service Put (redis) | Put / raw | raw GET | service Get (redis) | Get / raw "
-        f"| GetMany (redis) | GetMany / raw | GetMany ×{PARALLEL_STREAMS} streams (redis) | ×{PARALLEL_STREAMS} / raw "
-        "| Put (memory) | Get (memory) | GetMany (memory) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| block | raw SET | service Put (redis) | Put / raw | raw SET, service's packer | Put / that "
+        "| raw GET | service Get (redis) | Get / raw "
+        f"| GetMany (redis) | GetMany / raw | GetMany ×{PARALLEL_STREAMS} streams (redis) | "
+        f"×{PARALLEL_STREAMS} / raw | Put (memory) | Get (memory) | GetMany (memory) |",
+        "| --- |" + " ---: |" * 15,
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['block']} | {r['raw_redis_set_mb_s']:.0f} | {r['service_redis_put_mb_s']:.0f} | "
-            f"{r['put_vs_raw']:.2f}× | {r['raw_redis_get_mb_s']:.0f} | {r['service_redis_get_mb_s']:.0f} | "
+            f"{r['put_vs_raw']:.2f}× | {r['raw_redis_set_service_packer_mb_s']:.0f} | "
+            f"{r['put_vs_raw_service_packer']:.2f}× | "
+            f"{r['raw_redis_get_mb_s']:.0f} | {r['service_redis_get_mb_s']:.0f} | "
             f"{r['get_vs_raw']:.2f}× | {r['service_redis_get_many_mb_s']:.0f} | "
             f"{r['get_many_vs_raw']:.2f}× | {r['service_redis_get_many_parallel_mb_s']:.0f} | "
             f"{r['get_many_parallel_vs_raw']:.2f}× | {r['service_memory_put_mb_s']:.0f} | "

@@ -11,11 +11,10 @@ from kvpack.common.metrics_http import MetricsEndpoint
 from kvpack.kvstore.backends import BackendUnavailable, open_backend
 from kvpack.kvstore.metrics import KVStoreMetrics
 from kvpack.kvstore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_RECORD_BYTES
+from kvpack.kvstore.rpc_methods import SERVICE_NAME, add_to_server
 from kvpack.kvstore.servicer import KVStoreServicer
-from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
 
 log = logging.getLogger("kvpack.kvstore")
-SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class KVStoreServer:
                                    chunk_bytes=config.chunk_bytes)
         self.grpc = GrpcServer(
             config.listen,
-            [(kvstore_pb2_grpc.add_KVStoreServicer_to_server, servicer, SERVICE_NAME)],
+            [(add_to_server, servicer, SERVICE_NAME)],
             token=config.token, max_workers=config.max_workers)
         self.metrics_endpoint = (
             MetricsEndpoint(self.metrics.registry, config.metrics_port, config.metrics_host)

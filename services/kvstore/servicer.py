@@ -2,6 +2,9 @@
 
 Nothing partial is ever stored: a Put is written only after every chunk arrived in order and the
 whole record verified. A stored record that no longer verifies is dropped and served as a miss.
+Served through kvpack.kvstore.rpc_methods: Put/PutWhole receive wire.PutChunkView (data is a view
+into the received message) and Get/GetWhole/GetMany answer GetChunks encoded by kvpack.kvstore.wire.
+PutWhole/GetWhole are the one-message forms of Put/Get and count under the same op labels.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import grpc
 
 from kvpack.common import record
 from kvpack.common.hashing import BLOCK_HASH_BYTES, namespace_fingerprint
+from kvpack.kvstore import wire
 from kvpack.kvstore.backends import Backend, BackendUnavailable, RecordTooLarge, Usage, block_key
 from kvpack.kvstore.metrics import OPS, KVStoreMetrics
 from kvpack.kvstore.protocol import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_RECORD_BYTES,
     MAX_HASHES_PER_CALL,
+    MAX_WHOLE_RECORD_BYTES,
 )
 from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
 
@@ -75,17 +80,23 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     def Put(self, request_iterator, context):
         with self._request("put", context):
-            namespace, block_hash, data = self._receive(request_iterator)
-            try:
-                record.verify(data, namespace)
-            except record.RecordError as error:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"data: {error}") from None
-            try:
-                self.backend.put(block_key(namespace_fingerprint(namespace), block_hash), data)
-            except RecordTooLarge as error:
-                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
-            self.metrics.put_bytes.inc(len(data))
-            return kvstore_pb2.PutResponse(stored_bytes=len(data))
+            return self._store(*self._receive(request_iterator))
+
+    def PutWhole(self, request, context):
+        with self._request("put", context):
+            return self._store(*self._receive(iter((request,))))
+
+    def _store(self, namespace: str, block_hash: bytes, data: bytes | memoryview):
+        try:
+            record.verify(data, namespace)
+        except record.RecordError as error:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"data: {error}") from None
+        try:
+            self.backend.put(block_key(namespace_fingerprint(namespace), block_hash), data)
+        except RecordTooLarge as error:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
+        self.metrics.put_bytes.inc(len(data))
+        return kvstore_pb2.PutResponse(stored_bytes=len(data))
 
     def Get(self, request, context):
         with self._request("get", context):
@@ -93,6 +104,17 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             _check_hash(request.block_hash, "block_hash")
             data = self._load(request.namespace, fingerprint, request.block_hash)
             yield from self._send(data, index=0)
+
+    def GetWhole(self, request, context):
+        with self._request("get", context):
+            fingerprint = _namespace(request.namespace)
+            _check_hash(request.block_hash, "block_hash")
+            data = self._load(request.namespace, fingerprint, request.block_hash)
+            limit = min(request.max_bytes or DEFAULT_CHUNK_BYTES, MAX_WHOLE_RECORD_BYTES)
+            if data is not None and len(data) > limit:
+                # Not counted as a hit: the caller comes back for it with Get, which counts it.
+                return wire.encode_get_chunk(found=True, total_bytes=len(data))
+            return next(self._send(data, index=0, chunk_bytes=limit))  # one chunk: it fits
 
     def GetMany(self, request, context):
         with self._request("get_many", context):
@@ -113,19 +135,23 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
                 self.metrics.corrupt_blocks.inc()
                 self.backend.delete(key)  # recomputed and re-put by the next writer
                 data = None
-        (self.metrics.misses if data is None else self.metrics.hits).inc()
         return data
 
-    def _send(self, data: bytes | None, index: int) -> Iterator[kvstore_pb2.GetChunk]:
+    def _send(self, data: bytes | None, index: int,
+              chunk_bytes: int | None = None) -> Iterator[bytes]:
+        """The answer for one block: encoded GetChunks (one found=false chunk for a miss)."""
         if data is None:
-            yield kvstore_pb2.GetChunk(found=False, index=index)
+            self.metrics.misses.inc()
+            yield wire.encode_get_chunk(found=False, index=index)
             return
+        self.metrics.hits.inc()
         self.metrics.get_bytes.inc(len(data))
+        chunk_bytes = chunk_bytes or self.chunk_bytes
         view = memoryview(data)
-        for offset in range(0, len(view), self.chunk_bytes):
-            yield kvstore_pb2.GetChunk(
+        for offset in range(0, len(view), chunk_bytes):
+            yield wire.encode_get_chunk(
                 found=True, total_bytes=len(view) if offset == 0 else 0, offset=offset,
-                data=bytes(view[offset : offset + self.chunk_bytes]), index=index)
+                data=view[offset : offset + chunk_bytes], index=index)
 
     def Delete(self, request, context):
         with self._request("delete", context):
@@ -154,7 +180,9 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             )
 
     # -- helpers ------------------------------------------------------------------------------
-    def _receive(self, chunks: Iterator[kvstore_pb2.PutChunk]) -> tuple[str, bytes, bytes]:
+    def _receive(self, chunks: Iterator[wire.PutChunkView]
+                 ) -> tuple[str, bytes, bytes | memoryview]:
+        """The record of a Put stream, checked chunk by chunk; a one-chunk record is not copied."""
         first = next(chunks, None)
         if first is None:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before the first chunk")
@@ -167,7 +195,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"total_bytes: {total} exceeds the maximum record size of "
                          f"{self.max_record_bytes} bytes")
-        parts: list[bytes] = []
+        parts: list[memoryview] = []
         received = 0
         for index, chunk in enumerate(_chain(first, chunks)):
             if index and (chunk.namespace or chunk.block_hash or chunk.total_bytes):
@@ -187,7 +215,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         if received != total:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                          f"stream ended early: {received} of total_bytes={total} bytes received")
-        return first.namespace, first.block_hash, b"".join(parts)
+        return first.namespace, first.block_hash, parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _chain(first, rest):

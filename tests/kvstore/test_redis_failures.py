@@ -11,6 +11,7 @@ from support.processes import wait_for
 from kvpack.common.hashing import namespace_fingerprint
 from kvpack.kvstore.backends import block_key
 from kvpack.kvstore.client import KVStoreClient, StoreUnavailable
+from kvpack.kvstore.protocol import WHOLE_RECORD_BYTES
 
 
 def _health(address: str) -> int:
@@ -24,12 +25,14 @@ def _corrupt_flip(value: bytes) -> bytes:
     return value[:middle] + bytes([value[middle] ^ 0x40]) + value[middle + 1:]
 
 
+@pytest.mark.parametrize("whole_record_bytes", [WHOLE_RECORD_BYTES, 0], ids=["whole", "streamed"])
 @pytest.mark.parametrize("damage", [_corrupt_flip, lambda v: v[:-100], lambda v: v[:10], lambda v: b""])
-def test_corruption_written_into_redis_is_a_counted_miss(redis_server, kvstore_factory, damage):
+def test_corruption_written_into_redis_is_a_counted_miss(redis_server, kvstore_factory, damage,
+                                                         whole_record_bytes):
     server = kvstore_factory(backend=redis_server.url)
     block_hash = chain(1)[0]
     data = random_record("ns", 10_000)
-    with KVStoreClient(server.address) as client:
+    with KVStoreClient(server.address, whole_record_bytes=whole_record_bytes) as client:
         client.put("ns", block_hash, data)
         key = block_key(namespace_fingerprint("ns"), block_hash)
         raw = redis_server.client()

@@ -11,14 +11,6 @@ from support.blocks import chain, random_record
 from kvpack.kvstore.client import InvalidRequest, KVStoreClient, Unauthenticated
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store(request, kvstore_factory):
-    if request.param == "memory":
-        return kvstore_factory(capacity_bytes=512 << 20)
-    redis_server = request.getfixturevalue("redis_server")
-    return kvstore_factory(backend=redis_server.url)
-
-
 @pytest.mark.parametrize("payload_bytes", [1, 1000, (1 << 20) - 7, 3 << 20, 64 << 20])
 def test_round_trip_from_one_byte_to_64_mib(store, payload_bytes):
     data = random_record("ns", payload_bytes)

@@ -3,6 +3,11 @@
 Capacity and eviction belong to Redis (`maxmemory` + `allkeys-lru`); TTL is `SET ... EX`. Timeouts
 are short and retries few, so a dead Redis turns into BackendUnavailable within about a second
 instead of a hung request; redis-py reconnects by itself once Redis is back.
+
+Commands are packed by redis-py's Python packer, which sends a large value (a block record) from its
+own buffer; hiredis' packer, redis-py's default when hiredis is installed, first copies it into the
+packed command (a memoryview twice). Measured on a 2-core VM: SET of 4 MiB 2.3-2.6 ms instead of
+4.3-5.0 ms. Replies are still parsed by hiredis, the faster reader.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from urllib.parse import urlparse
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
+from redis.connection import Connection, Encoder, PythonRespSerializer
 from redis.retry import Retry
 
 from kvpack.kvstore.backends.base import Backend, BackendUnavailable, Usage
@@ -22,6 +28,18 @@ _FAILURES = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.Cluster
              redis.exceptions.ClusterDownError, redis.exceptions.ResponseError)
 _SCAN_PATTERN = "kvpack:*"
 _USAGE_CACHE_SECONDS = 5.0
+# Arguments longer than this are sent as their own buffer (redis-py's own cutoff).
+_BUFFER_CUTOFF = 6000
+
+
+class ValueSendingConnection(Connection):
+    """A redis-py connection that never copies a large value into the packed command."""
+
+    def __init__(self, **kwargs) -> None:
+        encoder = Encoder(kwargs.get("encoding", "utf-8"), kwargs.get("encoding_errors", "strict"),
+                          kwargs.get("decode_responses", False))
+        super().__init__(**kwargs,
+                         command_packer=PythonRespSerializer(_BUFFER_CUTOFF, encoder.encode))
 
 
 class RedisBackend(Backend):
@@ -36,14 +54,14 @@ class RedisBackend(Backend):
             socket_timeout=io_timeout_seconds,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=1),
             health_check_interval=30,
+            connection_class=ValueSendingConnection,
         )
         if self.cluster:
-            self._client = RedisCluster(
-                host=parsed.hostname or "127.0.0.1",
-                port=parsed.port or 6379,
-                password=parsed.password,
-                **common,
-            )
+            # from_url is the way redis-py hands connection_class on to every node's pool.
+            auth = parsed.netloc.rpartition("@")[0]
+            node = f"{parsed.hostname or '127.0.0.1'}:{parsed.port or 6379}"
+            self._client = RedisCluster.from_url(
+                f"redis://{auth + '@' if auth else ''}{node}", **common)
         else:
             self._client = redis.Redis.from_url(url, max_connections=64, **common)
         self._usage_lock = threading.Lock()
