@@ -9,9 +9,17 @@ cache holds at least `window` tokens (codecs without groups use group_size 1 and
 
 Storage is preallocated: every packed field is a tensor [B, H, rows, ...] whose row axis has room
 for `capacity` tokens (one row per token, or one row per group for per-group statistics such as
-KIVI scales or QJL outlier indices), and the tail is a fixed [B, H, window + group_size - 1, D]
-buffer. Appending writes in place; it reallocates (doubling) only when the reserved capacity is
-exceeded, so a decode loop that reserves its maximum length up front never allocates cache memory.
+KIVI scales or QJL outlier indices), and the tail is a fixed [B, H, window + group_size, D]
+buffer (one slot more than the tail ever keeps, so a decode token can be written into it before
+its group is packed). Appending writes in place; it reallocates (doubling) only when the reserved
+capacity is exceeded, so a decode loop that reserves its maximum length up front never allocates
+cache memory; `storage_version` counts reallocations (a CUDA graph that captured the old tensors
+must be captured again).
+
+Decode under a CUDA graph (kvpack.inference.decode_graph) cannot use host integers that change
+every step, so it appends a token with `append_token_on_device`: slots and rows come from device
+tensors (`DecodeStep`), and the host mirrors the lengths afterwards with `advance_lengths`. It
+packs exactly what `append_tokens` packs for that token, in the same step.
 
 Serialization (`to_bytes`, block slices) writes a small JSON header plus the raw bytes of the used
 rows of each field and of the tail. The header carries the codec fingerprint; loading checks it.
@@ -67,9 +75,10 @@ class PackedCache:
         window: tokens kept in full precision after the last complete group.
         specs: the packed fields' descriptions, in serialization order.
         fields: name -> tensor [B, H, rows_capacity, *spec.shape].
-        tail: [B, H, window + group_size - 1, D] full-precision buffer; the first tail_len are used.
+        tail: [B, H, window + group_size, D] full-precision buffer; the first tail_len are used.
         num_packed: tokens stored in packed form (a multiple of group_size).
         tail_len: tokens stored in the tail.
+        storage_version: bumped whenever the packed fields are reallocated.
     """
 
     kind: str
@@ -83,6 +92,7 @@ class PackedCache:
     num_packed: int = 0
     tail_len: int = 0
     meta: dict = field(default_factory=dict)
+    storage_version: int = 0
 
     @property
     def batch(self) -> int:
@@ -165,9 +175,7 @@ def allocate(
         )
         for spec in specs
     }
-    tail = torch.zeros(
-        batch, num_heads, window + group_size - 1, head_dim, dtype=dtype, device=device
-    )
+    tail = torch.zeros(batch, num_heads, window + group_size, head_dim, dtype=dtype, device=device)
     return PackedCache(kind, fingerprint, dtype, group_size, window, tuple(specs), fields, tail)
 
 
@@ -188,6 +196,7 @@ def reserve(cache: PackedCache, capacity: int) -> None:
         used = cache.num_packed // spec.tokens_per_row
         new[:, :, :used] = old[:, :, :used]
         cache.fields[spec.name] = new
+    cache.storage_version += 1
 
 
 def write_rows(cache: PackedCache, packed: dict[str, torch.Tensor], num_tokens: int) -> None:
@@ -236,6 +245,79 @@ def append_tokens(cache: PackedCache, x: torch.Tensor, pack) -> PackedCache:
     cache.tail[:, :, : rest.shape[2]] = rest
     cache.tail_len = rest.shape[2]
     return cache
+
+
+# -- decode steps with device-side positions (CUDA graphs) -------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """Where one decode token goes, as device tensors computed inside the step.
+
+    Attributes:
+        write_slot: int64 [1], the tail slot of the new token (the tail length before it).
+        completes_group: the token makes the tail window + group_size long, so the oldest group is
+            packed in this step (known on the host: the tail length is, see `completes_group`).
+        pack_rows: tokens_per_row -> int64 [group_size // tokens_per_row] destination rows of the
+            packed group in fields with that many tokens per row (only when completes_group).
+    """
+
+    write_slot: torch.Tensor
+    completes_group: bool
+    pack_rows: dict[int, torch.Tensor]
+
+
+def completes_group(cache: PackedCache) -> bool:
+    """Whether appending one token to `cache` packs a group (append_tokens' condition)."""
+    return cache.tail_len + 1 >= cache.window + cache.group_size
+
+
+def decode_step(
+    lengths: torch.Tensor, cache: PackedCache, completes: bool, rows_per: tuple[int, ...]
+) -> DecodeStep:
+    """The slots of this step's token, then `lengths` (int64 [2] = packed, tail) advanced past it
+    in place. Shared by every layer (their caches have the same lengths); `rows_per` lists the
+    tokens_per_row values of the fields that will be written."""
+    write_slot = lengths[1:2].clone()
+    pack_rows = {}
+    if completes:
+        group = cache.group_size
+        for per_row in rows_per:
+            first = lengths[0:1] // per_row
+            pack_rows[per_row] = first + torch.arange(
+                group // per_row, device=lengths.device, dtype=lengths.dtype
+            )
+        lengths[0:1].add_(group)
+        lengths[1:2].fill_(cache.window)
+    else:
+        lengths[1:2].add_(1)
+    return DecodeStep(write_slot, completes, pack_rows)
+
+
+def append_token_on_device(cache: PackedCache, x: torch.Tensor, step: DecodeStep, pack) -> None:
+    """Append one token x [B, H, 1, D] at the slots of `step`, packing the oldest group if the
+    token completes it (as append_tokens would). Host lengths are left alone: `advance_lengths`.
+
+    The caller guarantees room: capacity >= num_packed + group_size when a group completes."""
+    cache.tail.index_copy_(2, step.write_slot, x)
+    if not step.completes_group:
+        return
+    group, window = cache.group_size, cache.window
+    packed = pack(cache.tail[:, :, :group])
+    for spec in cache.specs:
+        rows = step.pack_rows[spec.tokens_per_row]
+        cache.fields[spec.name].index_copy_(2, rows, packed[spec.name])
+    if window:
+        cache.tail[:, :, :window] = cache.tail[:, :, group : group + window].clone()
+
+
+def advance_lengths(cache: PackedCache, completes: bool) -> None:
+    """Mirror on the host what `append_token_on_device` did on the device."""
+    if completes:
+        cache.num_packed += cache.group_size
+        cache.tail_len = cache.window
+    else:
+        cache.tail_len += 1
 
 
 # -- serialization -------------------------------------------------------------------------

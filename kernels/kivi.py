@@ -14,6 +14,7 @@ import torch
 from . import kivi_reference, kivi_triton
 from .cache import FieldSpec
 from .codec import register_codec
+from .decode_attention_triton import KIVI_KEYS, DecodeLayout
 from .packed_codec import KeyFormat, PackedKVCodec
 from .quant_reference import check_bits
 from .values import PerTokenValues, default_channel_group
@@ -34,6 +35,7 @@ class KiviKeys(KeyFormat):
         check_bits(bits)
         check_token_group(group_size)
         self.head_dim, self.bits, self.group_size = head_dim, bits, group_size
+        self.decode_layout = DecodeLayout(KIVI_KEYS, bits, group_size)
 
     def field_specs(self, dtype: torch.dtype) -> list[FieldSpec]:
         return [

@@ -7,6 +7,7 @@ full-precision part of scores and outputs, GQA, byte accounting and (de)serializ
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from abc import ABC, abstractmethod
 from typing import Any
@@ -14,15 +15,23 @@ from typing import Any
 import torch
 
 from . import cache as cache_lib
-from .cache import FieldSpec, PackedCache
+from . import decode_attention_triton
+from .cache import DecodeStep, FieldSpec, PackedCache
 from .codec import KVCodec, should_use_triton
+from .decode_attention_triton import EXACT, DecodeLayout
 from .gqa import per_query_head, query_group, rows_per_kv_head
 
 _KV_LENGTH = struct.Struct("<Q")
 
 
 class TokenFormat(ABC):
-    """How one of keys / values is packed. Subclasses hold their parameters."""
+    """How one of keys / values is packed. Subclasses hold their parameters.
+
+    `decode_layout` names the layout for the fused decode-attention kernel
+    (kernels/decode_attention_triton.py); None: the format has no fused decode path.
+    """
+
+    decode_layout: DecodeLayout | None = None
 
     @abstractmethod
     def field_specs(self, dtype: torch.dtype) -> list[FieldSpec]:
@@ -214,6 +223,65 @@ class PackedKVCodec(KVCodec):
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
         if x.device != packed.device:
             raise ValueError(f"{name} is on {x.device}, the cache lives on {packed.device}")
+
+    # -- fused decode (one query token; lengths on the device, for CUDA graphs) -------------------
+    def _decode_layout(self, fmt: TokenFormat, dtype: torch.dtype) -> DecodeLayout | None:
+        if fmt.decode_layout is not None:
+            return fmt.decode_layout
+        # A format whose only field is the token itself, in its own dtype, is exact (fp16 codec).
+        specs = fmt.field_specs(dtype)
+        exact = FieldSpec("data", (self.head_dim,), dtype)
+        return DecodeLayout(EXACT) if specs == [exact] else None
+
+    def supports_decode_attention(self, dtype: torch.dtype) -> bool:
+        """Whether `decode_attention` runs fused for caches of `dtype` (head_dim a power of two,
+        at least 16, and both formats with a decode layout)."""
+        head_dim = self.head_dim
+        return (
+            head_dim >= 16
+            and not head_dim & (head_dim - 1)
+            and self._decode_layout(self.key_format, dtype) is not None
+            and self._decode_layout(self.value_format, dtype) is not None
+        )
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        keys: PackedCache,
+        values: PackedCache,
+        lengths: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        """softmax(q·Kᵀ·scaling)·V for one query token q [B, H_q, 1, D] over the tokens that
+        `lengths` (int64 device tensor [2]: packed, tail) says the caches hold, whatever their host
+        lengths say. Returns [B, H_q, 1, D] in q's dtype.
+
+        The fused Triton kernel where supported and Triton runs; otherwise the unfused path
+        (key_scores, softmax, attend_values), which reads the lengths on the host."""
+        if self._triton(q) and self.supports_decode_attention(keys.dtype):
+            return decode_attention_triton.decode_attention(
+                q,
+                lengths,
+                keys,
+                values,
+                self._decode_layout(self.key_format, keys.dtype),
+                self._decode_layout(self.value_format, values.dtype),
+                scaling,
+            )
+        num_packed, tail_len = (int(n) for n in lengths.tolist())
+        keys = dataclasses.replace(keys, num_packed=num_packed, tail_len=tail_len)
+        values = dataclasses.replace(values, num_packed=num_packed, tail_len=tail_len)
+        probabilities = torch.softmax(self.key_scores(q, keys) * scaling, dim=-1).to(q.dtype)
+        return self.attend_values(probabilities, values).to(q.dtype)
+
+    def append_decode_token(self, packed: PackedCache, x: torch.Tensor, step: DecodeStep) -> None:
+        """Append one token x [B, H, 1, D] to a key or value cache at the device-side slots of
+        `step` (kernels/cache.py); host lengths are updated later by cache.advance_lengths."""
+        fmt = self.key_format if packed.kind == "keys" else self.value_format
+        use_triton = self._triton(x)
+        cache_lib.append_token_on_device(
+            packed, x, step, lambda group: fmt.pack(group.contiguous(), use_triton)
+        )
 
     # -- storage -------------------------------------------------------------------------------
     def nbytes(self, packed: PackedCache) -> int:

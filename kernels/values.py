@@ -12,6 +12,7 @@ import torch
 
 from . import values_reference, values_triton
 from .cache import FieldSpec
+from .decode_attention_triton import PER_TOKEN_VALUES, DecodeLayout
 from .packed_codec import ValueFormat
 from .quant_reference import check_bits
 
@@ -33,6 +34,7 @@ class PerTokenValues(ValueFormat):
         check_bits(bits, "value_bits")
         check_channel_group(head_dim, group_size, "value_group_size")
         self.head_dim, self.bits, self.group_size = head_dim, bits, group_size
+        self.decode_layout = DecodeLayout(PER_TOKEN_VALUES, bits, group_size)
 
     def params(self):
         return {"value_bits": self.bits, "value_group_size": self.group_size}

@@ -1,11 +1,20 @@
 """Time to first token with and without a stored prefix, through gRPC and a real kvstore.
 
-    python bench/inference/bench_prefix_ttft.py --model SmolLM2-135M-Instruct.Q4_1.gguf \
+CPU, a real model and text (the same 1024-token prompt three times per method: the first request
+computes the whole prompt and stores its full blocks, the next ones fetch them and compute the
+rest):
+
+    python bench/inference/bench_prefix_ttft.py --model SmolLM2-135M-Instruct.Q4_1.gguf \\
         --text ../shared/data/text/wikitext-2-raw/wiki.test.raw --out bench/results/x.json
 
-The same 1024-token prompt is sent three times per method: the first request computes the whole
-prompt and stores its full blocks; the next ones fetch the blocks before the last one and compute
-the rest. Runs on the CPU or a GPU (`--device`).
+GPU, a random-weight Llama-3-8B-shaped model in bf16 and a real redis-server behind the kvstore
+(`--random-llama3-8b --redis`): per method, request A = prefix + suffix A stores the prefix's
+blocks; once they are all written, request B = prefix + suffix B (another suffix: only the prefix
+is shared) fetches the prefix and computes the suffix; request C is B again with reuse off, which
+recomputes everything. Speed-up = TTFT(C) / TTFT(B). B and C are repeated and the medians kept.
+
+    . bench/device_env.sh && python bench/inference/bench_prefix_ttft.py --random-llama3-8b \\
+        --redis --device cuda --prefix-tokens 32768 --out $OUT/inference_prefix_ttft_h100.json
 """
 
 from __future__ import annotations
@@ -13,11 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
+import socket
+import statistics
+import subprocess
 import time
 from pathlib import Path
 
 import grpc
-from kvpack.inference.loader import load_model
 from kvpack.inference.server import InferenceConfig, InferenceServer
 from kvpack.kvstore.server import KVStoreConfig, KVStoreServer
 from kvpack.proto import inference_pb2, inference_pb2_grpc
@@ -25,31 +37,135 @@ from kvpack.proto import inference_pb2, inference_pb2_grpc
 METHODS = {"fp16": {}, "kivi": {"bits": 2, "group_size": 32, "window": 0}}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--text", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--prompt-tokens", type=int, default=1024)
-    parser.add_argument("--block-tokens", type=int, default=256)
-    args = parser.parse_args()
-    loaded = load_model(args.model, device=args.device)
+class IdTokenizer:
+    """Token ids as text: the random-weight model has no vocabulary (prompts are sent as ids)."""
+
+    eos_token_id = None
+    bos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return [int(part) for part in text.split()]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return " ".join(str(token) for token in token_ids)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_redis() -> tuple[subprocess.Popen, int, str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not on PATH (bench/device_env.sh puts .redisbin there)")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    import redis
+
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            return process, port, client.info()["redis_version"]
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    raise RuntimeError("redis-server did not start")
+
+
+def generate(stub, ids: list[int], reuse: bool, method: str, params: dict) -> dict:
+    request = inference_pb2.GenerateRequest(
+        prompt_token_ids=ids, max_new_tokens=2, reuse=reuse, method=method
+    )
+    for name, value in params.items():  # the method's parameters, as the request carries them
+        request.method_params[name] = str(value)
+    usage = list(stub.Generate(request))[-1].usage
+    return {"cached_tokens": usage.cached_tokens, "ttft_seconds": usage.ttft_seconds}
+
+
+def put_blocks(server: InferenceServer) -> float:
+    return server.metrics.kvstore_put_blocks._value.get()
+
+
+def wait_for_puts(server: InferenceServer, target: float, timeout: float = 600.0) -> float:
+    """Seconds until the server has written `target` blocks to the store in all."""
+    started = time.perf_counter()
+    while put_blocks(server) < target:
+        if time.perf_counter() - started > timeout:
+            raise TimeoutError(f"only {put_blocks(server)} of {target} blocks put")
+        time.sleep(0.05)
+    return time.perf_counter() - started
+
+
+def shared_prefix(args, loaded, store_address: str, report: dict) -> None:
+    import random
+
+    rng = random.Random(0)
+    vocab = loaded.model.config.vocab_size
+    prefix = [rng.randrange(3, vocab) for _ in range(args.prefix_tokens)]
+    suffixes = [[rng.randrange(3, vocab) for _ in range(args.suffix_tokens)] for _ in range(2)]
+    blocks = args.prefix_tokens // args.block_tokens
+    for method in args.methods.split(","):
+        params = METHODS[method]
+        server = InferenceServer(
+            InferenceConfig(
+                listen="127.0.0.1:0",
+                kvstore=store_address,
+                method=method,
+                method_params=params,
+                block_tokens=args.block_tokens,
+                prefill_chunk_tokens=args.prefill_chunk_tokens,
+            ),
+            loaded=loaded,
+        )
+        stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(server.address))
+        before = put_blocks(server)
+        cold = generate(stub, prefix + suffixes[0], True, method, params)
+        # every full block of A's prompt (kivi with window 0 packs them all)
+        put_seconds = wait_for_puts(
+            server, before + blocks + args.suffix_tokens // args.block_tokens
+        )
+        warm, recompute = [], []
+        partial = report["results"][method] = {
+            "cold_request_a": cold,
+            "seconds_until_prefix_stored": put_seconds,
+            "reuse_request_b": warm,
+            "recompute_request_c": recompute,
+        }
+        for _ in range(args.repeats):
+            warm.append(generate(stub, prefix + suffixes[1], True, method, params))
+            recompute.append(generate(stub, prefix + suffixes[1], False, method, params))
+            print(method, json.dumps(partial), flush=True)
+            args.out.write_text(json.dumps(report, indent=1))  # partial results survive a timeout
+        warm_ttft = statistics.median(r["ttft_seconds"] for r in warm)
+        recompute_ttft = statistics.median(r["ttft_seconds"] for r in recompute)
+        report["results"][method] = {
+            "method_params": params,
+            "cold_request_a": cold,
+            "seconds_until_prefix_stored": put_seconds,
+            "reuse_request_b": warm,
+            "recompute_request_c": recompute,
+            "ttft_reuse_median_seconds": warm_ttft,
+            "ttft_recompute_median_seconds": recompute_ttft,
+            "speedup": recompute_ttft / warm_ttft,
+        }
+        print(method, json.dumps(report["results"][method]), flush=True)
+        args.out.write_text(json.dumps(report, indent=1))
+        server.stop()
+
+
+def repeated_prompt(args, loaded, store_address: str, report: dict) -> None:
     text = args.text.read_text(encoding="utf-8")
     ids = loaded.tokenizer.encode(text[: args.prompt_tokens * 12])[: args.prompt_tokens]
-    store = KVStoreServer(KVStoreConfig(listen="127.0.0.1:0", capacity_bytes=4 << 30))
-    report = {
-        "machine": platform.processor() or platform.machine(),
-        "model": loaded.model_id,
-        "device": args.device,
-        "block_tokens": args.block_tokens,
-        "results": {},
-    }
     for method, params in METHODS.items():
         server = InferenceServer(
             InferenceConfig(
                 listen="127.0.0.1:0",
-                kvstore=store.address,
+                kvstore=store_address,
                 method=method,
                 method_params=params,
                 block_tokens=args.block_tokens,
@@ -67,8 +183,79 @@ def main() -> int:
         report["results"][method] = runs
         print(method, runs, flush=True)
         server.stop()
-    store.stop()
     args.out.write_text(json.dumps(report, indent=1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model to load (the CPU protocol)")
+    parser.add_argument("--text", type=Path, help="prompt text (the CPU protocol)")
+    parser.add_argument("--random-llama3-8b", action="store_true", help="GPU protocol")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="with --random-llama3-8b: a tiny "
+        "model of that architecture instead, to check the script on a CPU",
+    )
+    parser.add_argument("--redis", action="store_true", help="kvstore on a real redis-server")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--prompt-tokens", type=int, default=1024)
+    parser.add_argument("--prefix-tokens", type=int, default=32768)
+    parser.add_argument("--suffix-tokens", type=int, default=256)
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=2048)
+    parser.add_argument("--methods", default="kivi")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--block-tokens", type=int, default=256)
+    args = parser.parse_args()
+    import torch
+
+    if args.random_llama3_8b:
+        from bench_decode import LLAMA3_8B, TINY, build_model
+        from kvpack.inference.loader import LoadedModel
+
+        dtype = torch.float32 if args.tiny else torch.bfloat16
+        shape = TINY if args.tiny else LLAMA3_8B
+        model = build_model(shape, 1 << 20, torch.device(args.device), dtype)
+        loaded = LoadedModel(model, IdTokenizer(), "random-llama3-8b-seed0", model.device, dtype)
+    else:
+        from kvpack.inference.loader import load_model
+
+        loaded = load_model(args.model, device=args.device)
+    redis_process = None
+    backend = "memory://"
+    report = {
+        "machine": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "model": loaded.model_id,
+        "block_tokens": args.block_tokens,
+        "results": {},
+    }
+    if args.redis:
+        redis_process, port, version = start_redis()
+        backend = f"redis://127.0.0.1:{port}/0"
+        report["redis_version"] = version
+    report["kvstore_backend"] = backend.split(":")[0]
+    store = KVStoreServer(KVStoreConfig(listen="127.0.0.1:0", backend=backend,
+                                        capacity_bytes=16 << 30))  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.random_llama3_8b:
+            report.update(
+                protocol="shared prefix: A stores, B reuses, C recomputes (reuse off)",
+                prefix_tokens=args.prefix_tokens,
+                suffix_tokens=args.suffix_tokens,
+                prefill_chunk_tokens=args.prefill_chunk_tokens,
+            )
+            shared_prefix(args, loaded, store.address, report)
+        else:
+            repeated_prompt(args, loaded, store.address, report)
+    finally:
+        store.stop()
+        if redis_process is not None:
+            redis_process.terminate()
+            redis_process.wait(timeout=10)
     return 0
 
 

@@ -33,6 +33,8 @@ from kvpack.inference.text_stream import TextStream
 from kvpack.kernels.codec import KVCodec
 
 log = logging.getLogger("kvpack.inference.engine")
+# Decode with a CUDA graph (kvpack.inference.decode_graph) only while this many tokens remain.
+GRAPH_MIN_REMAINING_TOKENS = 16
 
 
 class Overloaded(Exception):
@@ -360,7 +362,14 @@ class Engine:
         device = self.runner.device
         token_ids = torch.tensor([s.generated[-1] for s in sequences], device=device)
         positions = torch.tensor([s.position for s in sequences], device=device)
-        logits = self.runner.decode([s.cache for s in sequences], token_ids, positions)
+        # A graph costs a capture (two eager steps) per sequence: only worth it for a longer run.
+        remaining = min(s.request.sampling.max_new_tokens - len(s.generated) for s in sequences)
+        logits = self.runner.decode(
+            [s.cache for s in sequences],
+            token_ids,
+            positions,
+            use_graph=remaining >= GRAPH_MIN_REMAINING_TOKENS,
+        )
         for sequence, row in zip(sequences, logits, strict=True):
             sequence.position += 1
             # prompt blocks still in the full-precision window get packed as decoding goes on

@@ -50,11 +50,20 @@ class LayerCache:
         self.codec.append_keys(self.keys, k, positions if self.pre_rope_keys else None)
         self.codec.append_values(self.values, v)
 
+    @property
+    def fused_decode(self) -> bool:
+        """Whether a single decode token is attended by the codec's fused `decode_attention`."""
+        supports = getattr(self.codec, "supports_decode_attention", None)
+        return supports is not None and supports(self.keys.dtype) and not self.pre_rope_keys
+
     def attend(self, q: torch.Tensor, scaling: float, num_new_tokens: int) -> torch.Tensor:
         """softmax(q·Kᵀ·scaling, causal)·V for q [1, H_q, T_q, D] of the last T_q appended tokens.
 
         Returns [1, H_q, T_q, D] in q's dtype.
         """
+        if q.shape[2] == 1 and self.fused_decode:
+            lengths = torch.tensor([self.keys.num_packed, self.keys.tail_len], device=q.device)
+            return self.codec.decode_attention(q, self.keys, self.values, lengths, scaling)
         scores = self.codec.key_scores(q, self.keys) * scaling
         num_queries, total = q.shape[2], scores.shape[-1]
         if num_queries > 1:
@@ -115,6 +124,9 @@ class SequenceCache:
         ]
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        # CUDA graphs of this sequence's decode step (kvpack.inference.decode_graph), made on its
+        # first graphed step and freed with the cache.
+        self.decode_graphs = None
 
     @property
     def num_tokens(self) -> int:

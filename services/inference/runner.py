@@ -2,23 +2,33 @@
 
 We reuse the model's own modules (embeddings, norms, projections, rotary embedding, MLP), and
 replace only attention: keys and values go into each sequence's `SequenceCache`, and past tokens
-are attended through the codec (`key_scores` -> softmax -> `attend_values`).
+are attended through the codec (`key_scores` -> softmax -> `attend_values`, or the codec's fused
+`decode_attention` for a single decode token).
 
 Two entry points:
 - `prefill(cache, token_ids, start_position)` runs a chunk of one sequence's prompt;
 - `decode(caches, token_ids, positions)` runs one token for each of several sequences at once:
   projections and MLPs are batched across sequences; attention reads each sequence's own cache.
+  A single sequence on a GPU whose codec has a fused decode path replays a CUDA graph of the
+  whole step instead (kvpack.inference.decode_graph): one launch instead of ~1000.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+from kvpack.inference.decode_graph import DecodeGraphs
 from kvpack.inference.kv_cache import SequenceCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+# attend(layer_index, q_rotated, k_pre_rope, k_rotated, v) -> attended [N, H_q, T, D]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 class ModelRunner:
-    def __init__(self, model) -> None:
+    def __init__(self, model, *, cuda_graphs: bool = True) -> None:
         self.model = model
         config = model.config
         self.layers = model.model.layers
@@ -30,9 +40,14 @@ class ModelRunner:
         self.max_positions = config.max_position_embeddings
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-
-    def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
-        return self.model.model.rotary_emb(hidden, positions)
+        # Graphs need CUDA; `cuda_graphs=False` (or setting the attribute) keeps every step eager.
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        # On a GPU, decode is a chain of matrix-vector products: one product over the
+        # concatenated q/k/v (and gate/up) weights reads them at a better rate and launches
+        # fewer kernels. The modules' weights become views of the fused ones (no extra memory).
+        self._fused = (
+            [_fuse_layer(layer) for layer in self.layers] if self.device.type == "cuda" else None
+        )
 
     @torch.inference_mode()
     def prefill(
@@ -42,47 +57,149 @@ class ModelRunner:
         positions = torch.arange(
             start_position, start_position + token_ids.numel(), device=self.device
         )[None, :]
-        hidden = self.model.model.embed_tokens(token_ids[None, :])
-        cos, sin = self._rotary(hidden, positions)
-        for layer_index, layer in enumerate(self.layers):
-            hidden = self._layer(layer, hidden, cos, sin, positions, [cache], layer_index)
+        num_tokens = token_ids.numel()
+
+        def attend(layer_index, q, k, k_rotated, v):
+            return _append_and_attend(
+                cache.layers[layer_index], q, k, k_rotated, v, positions[0], self.scaling,
+                num_tokens,
+            )  # fmt: skip
+
+        hidden = self.forward(token_ids[None, :], positions, attend)
         hidden = self.model.model.norm(hidden[:, -1:, :])
         return self.model.lm_head(hidden)[0, -1].float()
 
     @torch.inference_mode()
     def decode(
+        self,
+        caches: list[SequenceCache],
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        use_graph: bool = True,
+    ) -> torch.Tensor:
+        """One step for N sequences: token_ids [N], positions [N]; returns logits [N, V].
+
+        `use_graph=False` forces the eager path (e.g. for a request about to finish, for which
+        capturing a graph would cost more than it saves)."""
+        if use_graph and self.cuda_graphs and len(caches) == 1 and DecodeGraphs.supports(caches[0]):
+            (cache,) = caches
+            if cache.decode_graphs is None:
+                cache.decode_graphs = DecodeGraphs(self.device)
+            return cache.decode_graphs.step(self, cache, token_ids, positions)
+        return self.eager_decode(caches, token_ids[:, None], positions[:, None])
+
+    def eager_decode(
         self, caches: list[SequenceCache], token_ids: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
-        """One step for N sequences: token_ids [N], positions [N]; returns logits [N, V]."""
-        positions = positions[:, None]
-        hidden = self.model.model.embed_tokens(token_ids[:, None])
-        cos, sin = self._rotary(hidden, positions)
-        for layer_index, layer in enumerate(self.layers):
-            hidden = self._layer(layer, hidden, cos, sin, positions, caches, layer_index)
-        hidden = self.model.model.norm(hidden)
-        return self.model.lm_head(hidden)[:, 0].float()
+        """token_ids, positions [N, 1] -> logits [N, V], attention through each cache in turn."""
 
-    def _layer(self, layer, hidden, cos, sin, positions, caches, layer_index):
+        def attend(layer_index, q, k, k_rotated, v):
+            outputs = [
+                _append_and_attend(
+                    cache.layers[layer_index],
+                    q[i : i + 1],
+                    k[i : i + 1],
+                    k_rotated[i : i + 1],
+                    v[i : i + 1],
+                    positions[i],
+                    self.scaling,
+                    1,
+                )  # fmt: skip
+                for i, cache in enumerate(caches)
+            ]
+            return torch.cat(outputs, dim=0)
+
+        return self.logits(self.forward(token_ids, positions, attend))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Decode hidden states [N, 1, hidden] -> float32 logits [N, V]."""
+        return self.model.lm_head(self.model.model.norm(hidden))[:, 0].float()
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Attend):
+        """The decoder stack on token_ids [N, T] at positions [N, T] -> hidden [N, T, hidden]."""
+        hidden = self.model.model.embed_tokens(token_ids)
+        cos, sin = self.model.model.rotary_emb(hidden, positions)
+        for layer_index, layer in enumerate(self.layers):
+            hidden = self._layer(layer, layer_index, hidden, cos, sin, attend)
+        return hidden
+
+    def _layer(self, layer, layer_index, hidden, cos, sin, attend: Attend):
         # hidden: [N, T, hidden]; N sequences (N > 1 only in decode, where T == 1)
         residual = hidden
         hidden = layer.input_layernorm(hidden)
         attention = layer.self_attn
         batch, length, _ = hidden.shape
-        q = attention.q_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        k = attention.k_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        v = attention.v_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        q_rotated, k_rotated = apply_rotary_pos_emb(q, k, cos, sin)
-        outputs = []
-        for index, cache in enumerate(caches):
-            layer_cache = cache.layers[layer_index]
-            # KVQuant-style codecs keep pre-RoPE keys and rotate inside their score kernel.
-            stored_keys = k if layer_cache.pre_rope_keys else k_rotated
-            layer_cache.append(
-                stored_keys[index : index + 1], v[index : index + 1], positions[index]
+        fused = self._fused[layer_index] if self._fused is not None else None
+        if fused is not None:
+            q, k, v = torch.nn.functional.linear(hidden, fused.qkv, fused.qkv_bias).split(
+                fused.qkv_sizes, dim=-1
             )
-            outputs.append(layer_cache.attend(q_rotated[index : index + 1], self.scaling, length))
-        attended = torch.cat(outputs, dim=0).transpose(1, 2).reshape(batch, length, -1)
+        else:
+            q, k, v = attention.q_proj(hidden), attention.k_proj(hidden), attention.v_proj(hidden)
+        q = q.view(batch, length, -1, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, -1, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, -1, self.head_dim).transpose(1, 2)
+        q_rotated, k_rotated = apply_rotary_pos_emb(q, k, cos, sin)
+        attended = attend(layer_index, q_rotated, k, k_rotated, v)
+        attended = attended.transpose(1, 2).reshape(batch, length, -1)
         hidden = residual + attention.o_proj(attended)
         residual = hidden
-        hidden = layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = layer.post_attention_layernorm(hidden)
+        mlp = layer.mlp
+        if fused is not None and fused.gate_up is not None:
+            gate, up = torch.nn.functional.linear(hidden, fused.gate_up).chunk(2, dim=-1)
+            hidden = mlp.down_proj(mlp.act_fn(gate) * up)
+        else:
+            hidden = mlp(hidden)
         return residual + hidden
+
+
+def _append_and_attend(layer_cache, q, k, k_rotated, v, positions, scaling, num_new_tokens):
+    """Append one sequence's new keys/values to its layer cache, then attend its queries."""
+    # KVQuant-style codecs keep pre-RoPE keys and rotate inside their score kernel.
+    stored_keys = k if layer_cache.pre_rope_keys else k_rotated
+    layer_cache.append(stored_keys, v, positions)
+    return layer_cache.attend(q, scaling, num_new_tokens)
+
+
+@dataclass
+class _FusedLayer:
+    qkv: torch.Tensor  # [q_out + k_out + v_out, hidden]
+    qkv_bias: torch.Tensor | None
+    qkv_sizes: tuple[int, int, int]
+    gate_up: torch.Tensor | None  # [2 * intermediate, hidden]; None for an MLP of another shape
+
+
+def _fuse_layer(layer) -> _FusedLayer:
+    """Concatenate a layer's q/k/v (and gate/up) weights and make the modules' weights views of
+    the result, so the model's own forward (HF generate) still works and no memory is added."""
+    attention = layer.self_attn
+    projections = [attention.q_proj, attention.k_proj, attention.v_proj]
+    qkv = _concatenate_into_views(projections, "weight")
+    biases = [p.bias for p in projections]
+    qkv_bias = _concatenate_into_views(projections, "bias") if all(
+        b is not None for b in biases
+    ) else None  # fmt: skip
+    sizes = tuple(p.weight.shape[0] for p in projections)
+    mlp = layer.mlp
+    gate_up = None
+    simple_mlp = all(
+        hasattr(mlp, name) and getattr(mlp, name).bias is None
+        for name in ("gate_proj", "up_proj", "down_proj")
+    )
+    if simple_mlp and hasattr(mlp, "act_fn"):
+        gate_up = _concatenate_into_views([mlp.gate_proj, mlp.up_proj], "weight")
+    return _FusedLayer(qkv, qkv_bias, sizes, gate_up)
+
+
+def _concatenate_into_views(modules, name: str) -> torch.Tensor:
+    fused = torch.cat([getattr(module, name).detach() for module in modules], dim=0)
+    offset = 0
+    for module in modules:
+        size = getattr(module, name).shape[0]
+        setattr(
+            module, name, torch.nn.Parameter(fused[offset : offset + size], requires_grad=False)
+        )
+        offset += size
+    return fused

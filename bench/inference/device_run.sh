@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One GPU call for the inference benchmarks: installs the carried wheels and kvpack from the tree
+# (bench/device_env.sh), then runs the named steps, each under its own time limit, writing JSON
+# and logs to $OUT. Run from the repository root on the device with carry [".whl", ".redisbin"]:
+#   bash bench/inference/device_run.sh decode:240 long:120 ttft:150
+# Steps: decode (bench_decode.py --sweep --profile), decode-graphs (the same, --no-eager), long (bench_long_context.py),
+# ttft (bench_prefix_ttft.py, random Llama-3-8B shape, Redis). NAME:SECONDS sets the limit.
+set -u
+R=$PWD
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+. bench/device_env.sh || { echo "device_env.sh failed"; exit 1; }
+export PYTHONUNBUFFERED=1
+cd /tmp
+python3 -c 'import kvpack.inference.decode_graph' || { echo "installed kvpack is stale"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+for spec in "$@"; do
+  name=${spec%%:*}
+  limit=${spec#*:}
+  [ "$limit" = "$spec" ] && limit=300
+  echo "=== $name (limit ${limit}s) ==="
+  case $name in
+    decode) cmd=(python3 "$R/bench/inference/bench_decode.py" --sweep --profile
+                 --out "$OUT/inference_decode_h100.json") ;;
+    decode-graphs) cmd=(python3 "$R/bench/inference/bench_decode.py" --sweep --profile --no-eager
+                        --out "$OUT/inference_decode_h100.json") ;;
+    decode-quick) cmd=(python3 "$R/bench/inference/bench_decode.py" --no-eager
+                       --out "$OUT/inference_decode_h100.json") ;;
+    long) cmd=(python3 "$R/bench/inference/bench_long_context.py"
+               --out "$OUT/inference_long_context_h100.json") ;;
+    ttft) cmd=(python3 "$R/bench/inference/bench_prefix_ttft.py" --random-llama3-8b --redis
+               --device cuda --prefix-tokens 32768 --methods kivi --repeats 2
+               --out "$OUT/inference_prefix_ttft_h100.json") ;;
+    *) echo "unknown step $name"; continue ;;
+  esac
+  timeout "$limit" "${cmd[@]}" 2>&1 | tee "$OUT/$name.log" | grep -v "^\s*$" | tail -60
+done
