@@ -261,19 +261,21 @@ class KVQuantCodec(KVCodec):
         num_sink = keys.sink.shape[2]
         out = torch.empty(*q.shape[:3], keys.num_tokens, dtype=torch.float32, device=q.device)
         scaling = self.calibration.attention_scaling
+        if should_use_triton(q, self.use_triton):
+            from . import kvquant_triton
+
+            # one launch: the kernel reads the sink tokens' exact keys itself
+            kvquant_triton.key_scores(
+                q, used["codes"], used["outlier_index"], used["outlier_delta"], t["key_zero"],
+                t["key_scale"], t["key_lut"], t["inv_freq"], scaling, self.bits,
+                token_start=0, out=out, sink=keys.sink,
+            )
+            return out
         positions = torch.arange(keys.num_tokens, device=q.device)
         if num_sink:
             sink = reference.apply_rope(keys.sink, positions[:num_sink], t["inv_freq"], scaling)
             out[..., :num_sink] = reference.scores(q, sink)
-        if should_use_triton(q, self.use_triton):
-            from . import kvquant_triton
-
-            kvquant_triton.key_scores(
-                q, used["codes"], used["outlier_index"], used["outlier_delta"], t["key_zero"],
-                t["key_scale"], t["key_lut"], t["inv_freq"], scaling, self.bits,
-                token_start=num_sink, out=out,
-            )
-        elif keys.num_tokens > num_sink:
+        if keys.num_tokens > num_sink:
             rest = {name: x[:, :, num_sink:] for name, x in used.items()}
             dense = reference.dequantize_keys(
                 rest["codes"], rest["outlier_index"], rest["outlier_delta"], t["key_zero"],

@@ -67,34 +67,6 @@ def _load_codes(row_ptrs, channels, mask, HEAD_DIM: tl.constexpr, BITS: tl.const
 
 
 @triton.jit
-def _load_plane_words(row_words, word_offset, mask, NUM_CHANNELS: tl.constexpr,
-                      PLANE_BITS: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Codes [BLOCK_T, NUM_CHANNELS] of one bit plane read as whole int32 words (16-byte loads
-    instead of a byte gather per code): word w holds channels w*32/PLANE_BITS + i at bit
-    i*PLANE_BITS (the byte layout viewed little-endian)."""
-    PER_WORD: tl.constexpr = 32 // PLANE_BITS
-    words = tl.load(row_words[:, None] + word_offset
-                    + tl.arange(0, NUM_CHANNELS // PER_WORD)[None, :], mask=mask[:, None], other=0)
-    shifts = tl.arange(0, PER_WORD) * PLANE_BITS
-    codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << PLANE_BITS) - 1)
-    return tl.reshape(codes, (BLOCK_T, NUM_CHANNELS))
-
-
-@triton.jit
-def _load_half_codes(row_words, half, mask, HEAD_DIM: tl.constexpr, BITS: tl.constexpr,
-                     BLOCK_T: tl.constexpr):
-    """Codes of channels [half*D/2, (half+1)*D/2) through `_load_plane_words`."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    if BITS == 3:
-        low = _load_plane_words(row_words, half * HALF // 16, mask, HALF, 2, BLOCK_T)
-        high = _load_plane_words(row_words, HEAD_DIM // 16 + half * HALF // 32, mask, HALF, 1,
-                                 BLOCK_T)
-        return low | (high << 2)
-    else:
-        return _load_plane_words(row_words, half * HALF * BITS // 32, mask, HALF, BITS, BLOCK_T)
-
-
-@triton.jit
 def _matmul_nt(a, b, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """a [M, K] . b [N, K]^T -> float32 [M, N]; tl.dot needs K >= 16, else broadcast and sum."""
     if USE_DOT:
@@ -235,93 +207,330 @@ def quantize_values(v, boundaries, lut, bits, num_slots, index_dtype=torch.uint8
 # --------------------------------------------------------------------------------------------
 # key scores with fused RoPE
 
+# pi/2 in two float32 parts: HIGH = fl(pi/2), LOW = fl(pi/2 - HIGH).
+_HALF_PI_HIGH = tl.constexpr(1.5707963705062866)
+_HALF_PI_LOW = tl.constexpr(-4.371139000186241e-08)
+
+
+@triton.jit
+def _sin_cos(angle):
+    """(sin, cos) of float32 angles to ~2e-7 absolute, for any angle a float32 RoPE position
+    times a frequency reaches (< 2**24). Quadrant n = round(angle / (pi/2)), then
+    r = angle - n * HIGH - n * LOW with fused multiply-adds: angle and n * HIGH are both multiples
+    of 2**-23 once angle >= 1 (n = 0 below pi/4), so the first fma is exact and r keeps float32
+    accuracy even at 500K-token angles. Taylor polynomials on |r| <= pi/4 (truncation < 4e-9).
+    Why not tl.sin/tl.cos: libdevice's exact reduction switches to a slow path above ~1e5 rad,
+    which every long context reaches on the low channels; this is also plain arithmetic, so the
+    CPU interpreter runs the same code."""
+    quadrant = tl.floor(angle * 0.6366197723675814 + 0.5)
+    r = tl.fma(quadrant, -_HALF_PI_HIGH, angle)
+    r = tl.fma(quadrant, -_HALF_PI_LOW, r)
+    r2 = r * r
+    sin_r = tl.fma(r2, 2.7557319223985893e-06, -1.984126984126984e-04)
+    sin_r = tl.fma(r2, sin_r, 8.333333333333333e-03)
+    sin_r = tl.fma(r2, sin_r, -1.6666666666666666e-01)
+    sin_r = tl.fma(r * r2, sin_r, r)
+    cos_r = tl.fma(r2, 2.48015873015873e-05, -1.388888888888889e-03)
+    cos_r = tl.fma(r2, cos_r, 4.1666666666666664e-02)
+    cos_r = tl.fma(r2, cos_r, -0.5)
+    cos_r = tl.fma(r2, cos_r, 1.0)
+    # angle = n pi/2 + r: quadrant 1 -> (cos r, -sin r), 2 -> (-sin r, -cos r), 3 -> (-cos r, sin r)
+    q = quadrant.to(tl.int32)
+    odd = (q & 1) != 0
+    sin_a = tl.where(odd, cos_r, sin_r)
+    cos_a = tl.where(odd, sin_r, cos_r)
+    sin_a = tl.where((q & 2) != 0, -sin_a, sin_a)
+    cos_a = tl.where(((q + 1) & 2) != 0, -cos_a, cos_a)
+    return sin_a, cos_a
+
+
+@triton.jit
+def _split_fields(words, SHIFT: tl.constexpr, STRIDE: tl.constexpr, WIDTH: tl.constexpr,
+                  COUNT: tl.constexpr):
+    """Fields i = 0..COUNT-1 of `words` [..., N], WIDTH bits at bit SHIFT + i * STRIDE * WIDTH,
+    as [..., N, 2, ..., 2] (log2 COUNT new dims, most significant bit of i first), built by
+    tl.join so that all of a word's fields stay in the registers of the thread that loaded it
+    (constant shifts, no layout conversion; broadcasting over a new dim would spread them
+    over the lanes instead)."""
+    if COUNT == 1:
+        return (words >> SHIFT) & ((1 << WIDTH) - 1)
+    else:
+        even = _split_fields(words, SHIFT, 2 * STRIDE, WIDTH, COUNT // 2)
+        odd = _split_fields(words, SHIFT + STRIDE * WIDTH, 2 * STRIDE, WIDTH, COUNT // 2)
+        return tl.join(even, odd)
+
+
+@triton.jit
+def _pair_table(Lut_ptr, BITS: tl.constexpr):
+    """lut values of the two channels of every pair code, interleaved: entry 2p + i is the value
+    of channel i of pair code p. A pair code is what the packed row holds for two neighbouring
+    channels: b = 2/4: code0 | code1 << b; b = 3: low0 | low1 << 2 | high0 << 4 | high1 << 5."""
+    entry = tl.arange(0, 2 << (2 * BITS))
+    pair, second = entry // 2, entry % 2
+    if BITS == 3:
+        code = ((pair >> (2 * second)) & 3) | (((pair >> (4 + second)) & 1) << 2)
+    else:
+        code = (pair >> (BITS * second)) & ((1 << BITS) - 1)
+    return tl.load(Lut_ptr + code)
+
+
+@triton.jit
+def _half_pair_codes(code_rows, half, mask_t, HEAD_DIM: tl.constexpr, BITS: tl.constexpr,
+                     WORDS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Pair codes (see `_pair_table`) of channels half * D/2 + 2p, + 2p + 1 of the rows at
+    code_rows, as [BLOCK_T * D/4] (element t * D/4 + p): the "pair domain" in which every
+    per-element tensor of the score kernel lives, so none needs a layout conversion.
+
+    WORDS: code_rows point to int32 words. Half a row's low plane (2 bits a code for 2/3-bit,
+    4 for 4-bit) is whole words; each is split into pair codes with constant shifts in the
+    registers of the thread that loaded it (3 bits: plus the two channels' bits of the 1-bit
+    plane): about half the integer work of decoding every code on its own, and integer work is
+    what bounds this kernel. Else code_rows are byte pointers and every code is a byte gather
+    (any head_dim)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    if WORDS:
+        LOW_BITS: tl.constexpr = 4 if BITS == 4 else 2
+        PER_WORD: tl.constexpr = 32 // LOW_BITS  # channels per low-plane word
+        NW: tl.constexpr = HALF // PER_WORD
+        w = tl.arange(0, NW)
+        low = tl.load(code_rows[:, None] + (half * NW + w)[None, :], mask=mask_t[:, None],
+                      other=0)
+        pair = tl.reshape(_split_fields(low, 0, 1, 2 * LOW_BITS, PER_WORD // 2),
+                          (BLOCK_T * HALF // 2,))
+        if BITS == 3:  # the 1-bit plane after the D/4 bytes of the 2-bit plane: 32 per word
+            first = half * HALF + w * PER_WORD
+            high = tl.load(code_rows[:, None] + (HEAD_DIM // 16 + first // 32)[None, :],
+                           mask=mask_t[:, None], other=0)
+            high = high >> (first % 32)[None, :]
+            pair = pair | (tl.reshape(_split_fields(high, 0, 1, 2, PER_WORD // 2),
+                                      (BLOCK_T * HALF // 2,)) << 4)
+    else:
+        channels = half * HALF + 2 * tl.arange(0, HALF // 2)
+        first = _load_codes(code_rows, channels, mask_t, HEAD_DIM, BITS)
+        second = _load_codes(code_rows, channels + 1, mask_t, HEAD_DIM, BITS)
+        if BITS == 3:
+            pair = (first & 3) | ((second & 3) << 2) | ((first >> 2) << 4) | ((second >> 2) << 5)
+        else:
+            pair = first | (second << BITS)
+        pair = tl.reshape(pair, (BLOCK_T * HALF // 2,))
+    return pair
+
+
+@triton.jit
+def _add_outliers(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr, stride_ob,
+                  stride_oh, stride_ot, InvFreq_ptr, Out_ptr, stride_sb, stride_sh, stride_sq,
+                  batch, first_head, tokens, live_t, first_row, num_rows, num_query_tokens,
+                  group_size, attention_scaling, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr,
+                  NUM_SLOTS: tl.constexpr, ROWS: tl.constexpr):
+    """Adds the sparse outliers of HEADS KV heads to their stored scores (tokens where live_t),
+    query rows [first_row, first_row + ROWS): an outlier (channel c, delta) adds
+    delta * (cos q[c] + sign sin q[partner]) to the score, partner = the channel c rotates with,
+    sign = +1 for c < D/2, else -1.
+
+    One pass over [tokens, heads] after the head loop: the per-outlier work (loads, sin/cos) is
+    spread over all threads once instead of being repeated by the threads of each head's tile,
+    and a loop over the real query rows (not the padded tile) gathers q and updates the scores
+    (only where a slot holds an outlier: unused slots carry delta 0)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    kv_head = first_head + tl.arange(0, HEADS)
+    live = live_t[:, None] & (kv_head >= 0)[None, :]  # [T, H]
+    slots = batch * stride_ob + kv_head[None, :] * stride_oh + tokens[:, None] * stride_ot
+    positions = tokens.to(tl.float32)[:, None]
+    for slot in tl.static_range(NUM_SLOTS):
+        channel = tl.load(Index_ptr + slots + slot, mask=live, other=0).to(tl.int32)
+        delta = tl.load(Delta_ptr + slots + slot, mask=live, other=0.0).to(tl.float32)
+        first_half = channel < HALF
+        partner = tl.where(first_half, channel + HALF, channel - HALF)
+        sin, cos = _sin_cos(positions * tl.load(
+            InvFreq_ptr + tl.where(first_half, channel, partner)))
+        own = delta * cos * attention_scaling
+        cross = tl.where(first_half, delta, -delta) * sin * attention_scaling
+        used = live & (delta != 0.0)
+        for r in range(ROWS):
+            row = first_row + r
+            if row < num_rows:
+                query_head = kv_head * group_size + row // num_query_tokens
+                query_token = row % num_query_tokens
+                q_row = (Q_ptr + batch * stride_qb + query_head * stride_qh
+                         + query_token * stride_qt)[None, :]
+                fix = (own * tl.load(q_row + channel, mask=used, other=0.0).to(tl.float32)
+                       + cross * tl.load(q_row + partner, mask=used, other=0.0).to(tl.float32))
+                out = (Out_ptr + batch * stride_sb + query_head[None, :] * stride_sh
+                       + query_token * stride_sq + tokens[:, None])
+                tl.store(out, tl.load(out, mask=used, other=0.0) + fix, mask=used)
+
+
+@triton.jit
+def _sink_scores(Q_ptr, stride_qb, stride_qh, stride_qt, Sink_ptr, stride_kb, stride_kh,
+                 stride_kt, InvFreq_ptr, Out_ptr, stride_sb, stride_sh, stride_sq, batch,
+                 first_head, rows, mask_m, num_query_tokens, group_size, token_start, num_sink,
+                 attention_scaling, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """Scores of the exact fp16 sink keys [token_start, num_sink) of HEADS KV heads, the plain
+    way (rotate the key, multiply, sum): a few tokens, so simple code beats fast code."""
+    SINK_BLOCK: tl.constexpr = 16
+    HALF: tl.constexpr = HEAD_DIM // 2
+    freq = tl.arange(0, HALF)
+    for i in range(HEADS):
+        kv_head = first_head + i
+        query_head = kv_head * group_size + rows // num_query_tokens
+        q_rows = Q_ptr + batch * stride_qb + query_head * stride_qh + (
+            rows % num_query_tokens) * stride_qt
+        q1 = tl.load(q_rows[:, None] + freq[None, :], mask=mask_m[:, None],
+                     other=0.0).to(tl.float32)
+        q2 = tl.load(q_rows[:, None] + HALF + freq[None, :], mask=mask_m[:, None],
+                     other=0.0).to(tl.float32)
+        out_rows = Out_ptr + batch * stride_sb + query_head * stride_sh + (
+            rows % num_query_tokens) * stride_sq
+        for start in range(token_start, num_sink, SINK_BLOCK):
+            tokens = start + tl.arange(0, SINK_BLOCK)
+            is_sink = tokens < num_sink
+            key_rows = Sink_ptr + batch * stride_kb + kv_head * stride_kh + tokens * stride_kt
+            k1 = tl.load(key_rows[:, None] + freq[None, :], mask=is_sink[:, None],
+                         other=0.0).to(tl.float32)
+            k2 = tl.load(key_rows[:, None] + HALF + freq[None, :], mask=is_sink[:, None],
+                         other=0.0).to(tl.float32)
+            sin, cos = _sin_cos(tokens.to(tl.float32)[:, None] * tl.load(InvFreq_ptr + freq))
+            cos = cos * attention_scaling
+            sin = sin * attention_scaling
+            rotated1 = k1 * cos - k2 * sin
+            rotated2 = k2 * cos + k1 * sin
+            score = tl.sum(rotated1[None, :, :] * q1[:, None, :]
+                           + rotated2[None, :, :] * q2[:, None, :], axis=2)
+            tl.store(out_rows[:, None] + tokens[None, :], score,
+                     mask=mask_m[:, None] & is_sink[None, :])
+
 
 @triton.jit
 def _kvquant_key_scores_kernel(
     Q_ptr, stride_qb, stride_qh, stride_qt,
     Codes_ptr, stride_cb, stride_ch, stride_ct,
     Index_ptr, Delta_ptr, stride_ob, stride_oh, stride_ot,
+    Sink_ptr, stride_kb, stride_kh, stride_kt,
     Zero_ptr, Scale_ptr, Lut_ptr, InvFreq_ptr,
     Out_ptr, stride_sb, stride_sh, stride_sq,
-    num_kv_heads, num_query_tokens, group_size, token_start, num_tokens, attention_scaling,
+    num_kv_heads, num_query_tokens, group_size, token_start, num_tokens, num_sink,
+    attention_scaling,
     HEAD_DIM: tl.constexpr, BITS: tl.constexpr, NUM_SLOTS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, WORDS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, CORRECTION_ROWS: tl.constexpr,
+    HEADS: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WORDS: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    """score[m, t] = q_m . RoPE(k^_t, pos_t), k^ = lut[code] * scale_c + zero_c + sparse delta.
+    """score[m, t] = q_m . RoPE(k^_t, t), k^ = lut[code] * scale_c + zero_c + sparse deltas;
+    tokens t < num_sink read their exact fp16 key from the sink instead.
 
-    HF rotate_half RoPE on the dequantized pre-RoPE key, split into halves k1 | k2:
-    RoPE(k) = (k1 cos - k2 sin | k2 cos + k1 sin), angle = pos * inv_freq (KVQuant App. C).
-    One program: BLOCK_T tokens x BLOCK_M query rows (group heads x query tokens) of one
-    (batch row, KV head). NOTE: an earlier version looped over the KV heads inside the program to
-    share cos/sin; on the H100 that loop made 8 heads cost 30x one head (bench/results/
-    kvquant_ablations_h100_run2.json), while cos/sin themselves cost under 5%.
-    A sparse outlier (channel c, delta) adds delta * (cos q[c] + sign sin q[(c + D/2) % D]),
-    sign = +1 for c < D/2, else -1.
+    HF rotate_half RoPE of the dequantized pre-RoPE key, halves k1 | k2 (KVQuant App. C):
+    RoPE(k) = (k1 cos - k2 sin | k2 cos + k1 sin), angle = fl32(t * inv_freq). With
+    k = s L + z (L = lut[code]) the score regroups per frequency f as
+        q1 RoPE1 + q2 RoPE2 = cos L1 (q1 s1) + cos L2 (q2 s2) + sin L1 (q2 s1) - sin L2 (q1 s2)
+                              + cos (q1 z1 + q2 z2) + sin (q2 z1 - q1 z2),
+    so per key element only cos * L and sin * L are computed (packed fp16 multiplies for 16-bit
+    queries: L1, L2 of one frequency share a register), and the per-channel scale, zero point
+    and the queries form the other operand of two tensor-core dots (cos L | sin L with K = 2D,
+    cos | sin with K = D), built once per KV head for all the group's query rows.
+
+    One program: BLOCK_T tokens x BLOCK_M query rows (group heads x query tokens) of HEADS KV heads
+    of one batch row; cos/sin depend on (token, frequency) only and are computed once for the
+    HEADS heads. The sparse outliers (about 1% of channels) are not added into the dense tile
+    (a compare per element per slot) but to the stored scores afterwards (`_add_outliers`, the
+    group's CORRECTION_ROWS real rows, not the padded BLOCK_M). COMPUTE: float16 for 16-bit queries
+    (|q| * scale and the keys must fit fp16, as the fp16 sink and deltas already must), float32
+    (exact products, ieee dots) for float32 queries.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
+    PAIRS: tl.constexpr = BLOCK_T * HALF // 2  # pair domain: element t * D/4 + p
     pid_t = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_bh = tl.program_id(2).to(tl.int64)
-    batch, kv_head = pid_bh // num_kv_heads, pid_bh % num_kv_heads
-    tokens = token_start + pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid_bh = tl.program_id(2)
+    head_groups = num_kv_heads // HEADS
+    batch = (pid_bh // head_groups).to(tl.int64)
+    first_head = (pid_bh % head_groups) * HEADS
+    tile_start = token_start + pid_t * BLOCK_T
+    tokens = tile_start + tl.arange(0, BLOCK_T)
     mask_t = tokens < num_tokens
-    freq = tl.arange(0, HALF)
-    positions = tokens.to(tl.float32)  # a token's RoPE position is its index in the cache
-    inv_freq = tl.load(InvFreq_ptr + freq)
-    angle = positions[:, None] * inv_freq[None, :]
-    cos = tl.cos(angle) * attention_scaling
-    sin = tl.sin(angle) * attention_scaling
+
+    # cos/sin [PAIRS, 2 (parity i)]: frequency 2p + i of the element's token (a token's RoPE
+    # position is its index in the cache)
+    element = tl.arange(0, PAIRS)
+    pair_token = tile_start + element // (HALF // 2)
+    even = 2 * (element % (HALF // 2))
+    pair_position = pair_token.to(tl.float32)
+    sin0, cos0 = _sin_cos(pair_position * tl.load(InvFreq_ptr + even))
+    sin1, cos1 = _sin_cos(pair_position * tl.load(InvFreq_ptr + even + 1))
+    cos_sin = tl.join((tl.join(cos0, cos1) * attention_scaling).to(COMPUTE),
+                      (tl.join(sin0, sin1) * attention_scaling).to(COMPUTE))
+    zero_key = tl.reshape(cos_sin, (BLOCK_T, HEAD_DIM))  # [PAIRS, 2 (i), 2 (j)]: column 2f + j
+    cos_sin = cos_sin[:, :, :, None]  # j = 0 cos, 1 sin; broadcast over the key half h
+    pairs = _pair_table(Lut_ptr, BITS).to(COMPUTE)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = rows < group_size * num_query_tokens
-    head_in_group = rows // num_query_tokens
-    query_token = rows % num_query_tokens
-    query_head = kv_head * group_size + head_in_group
-    q_rows = Q_ptr + batch * stride_qb + query_head * stride_qh + query_token * stride_qt
-    q1 = tl.load(q_rows[:, None] + freq[None, :], mask=mask_m[:, None], other=0.0)
-    q2 = tl.load(q_rows[:, None] + HALF + freq[None, :], mask=mask_m[:, None], other=0.0)
+    num_rows = group_size * num_query_tokens
+    mask_m = rows < num_rows
+    freq = tl.arange(0, HALF)
 
-    code_rows = Codes_ptr + batch * stride_cb + kv_head * stride_ch + tokens * stride_ct
-    table = kv_head * HEAD_DIM
-    if WORDS:  # Codes_ptr is an int32 view of the rows; strides count words
-        codes1 = _load_half_codes(code_rows, 0, mask_t, HEAD_DIM, BITS, BLOCK_T)
-        codes2 = _load_half_codes(code_rows, 1, mask_t, HEAD_DIM, BITS, BLOCK_T)
-    else:
-        codes1 = _load_codes(code_rows, freq, mask_t, HEAD_DIM, BITS)
-        codes2 = _load_codes(code_rows, freq + HALF, mask_t, HEAD_DIM, BITS)
-    k1 = tl.load(Lut_ptr + codes1)
-    k1 = (k1 * tl.load(Scale_ptr + table + freq)[None, :]
-          + tl.load(Zero_ptr + table + freq)[None, :])
-    k2 = tl.load(Lut_ptr + codes2)
-    k2 = (k2 * tl.load(Scale_ptr + table + HALF + freq)[None, :]
-          + tl.load(Zero_ptr + table + HALF + freq)[None, :])
-    rotated1 = (k1 * cos - k2 * sin).to(q1.dtype)
-    rotated2 = (k2 * cos + k1 * sin).to(q1.dtype)
-    acc = _matmul_nt(q1, rotated1, USE_DOT, INPUT_PRECISION)
-    acc += _matmul_nt(q2, rotated2, USE_DOT, INPUT_PRECISION)
+    for i in range(HEADS):
+        kv_head = first_head + i
+        table = kv_head * HEAD_DIM
+        query_head = kv_head * group_size + rows // num_query_tokens
+        q_rows = Q_ptr + batch * stride_qb + query_head * stride_qh + (
+            rows % num_query_tokens) * stride_qt
+        q1 = tl.load(q_rows[:, None] + freq[None, :], mask=mask_m[:, None],
+                     other=0.0).to(tl.float32)
+        q2 = tl.load(q_rows[:, None] + HALF + freq[None, :], mask=mask_m[:, None],
+                     other=0.0).to(tl.float32)
+        scale1 = tl.load(Scale_ptr + table + freq)[None, :]
+        scale2 = tl.load(Scale_ptr + table + HALF + freq)[None, :]
+        zero1 = tl.load(Zero_ptr + table + freq)[None, :]
+        zero2 = tl.load(Zero_ptr + table + HALF + freq)[None, :]
+        # query-side operands in the key operands' column order: [BLOCK_M, 2D] column
+        # 4f + 2j + h (j = 0 cos / 1 sin, key half h) and [BLOCK_M, D] column 2f + j for the
+        # zero point
+        with_cos = tl.join((q1 * scale1).to(COMPUTE), (q2 * scale2).to(COMPUTE))
+        with_sin = tl.join((q2 * scale1).to(COMPUTE), (-q1 * scale2).to(COMPUTE))
+        with_rotation = tl.reshape(tl.permute(tl.join(with_cos, with_sin), (0, 1, 3, 2)),
+                                   (BLOCK_M, 2 * HEAD_DIM))
+        with_zero = tl.reshape(tl.join((q1 * zero1 + q2 * zero2).to(COMPUTE),
+                                       (q2 * zero1 - q1 * zero2).to(COMPUTE)),
+                               (BLOCK_M, HEAD_DIM))
 
-    slot_rows = batch * stride_ob + kv_head * stride_oh + tokens * stride_ot
-    for slot in tl.static_range(NUM_SLOTS):
-        channel = tl.load(Index_ptr + slot_rows + slot, mask=mask_t, other=0).to(tl.int32)
-        delta = tl.load(Delta_ptr + slot_rows + slot, mask=mask_t, other=0.0).to(tl.float32)
-        first_half = channel < HALF
-        partner = tl.where(first_half, channel + HALF, channel - HALF)
-        slot_angle = positions * tl.load(InvFreq_ptr + channel % HALF)
-        sign = tl.where(first_half, 1.0, -1.0)
-        q_own = tl.load(q_rows[:, None] + channel[None, :], mask=mask_m[:, None], other=0.0)
-        q_partner = tl.load(q_rows[:, None] + partner[None, :], mask=mask_m[:, None], other=0.0)
-        acc += (delta * tl.cos(slot_angle) * attention_scaling)[None, :] * q_own.to(tl.float32)
-        acc += (delta * sign * tl.sin(slot_angle) * attention_scaling)[None, :] * q_partner.to(
-            tl.float32)
+        code_rows = Codes_ptr + batch * stride_cb + kv_head * stride_ch + tokens * stride_ct
+        pair1 = 2 * _half_pair_codes(code_rows, 0, mask_t, HEAD_DIM, BITS, WORDS, BLOCK_T)
+        pair2 = 2 * _half_pair_codes(code_rows, 1, mask_t, HEAD_DIM, BITS, WORDS, BLOCK_T)
+        # L [PAIRS, 2 (parity i), 2 (half h)]: one gather from the pair table (shared memory)
+        luts = tl.reshape(tl.gather(pairs, tl.reshape(
+            tl.join(tl.join(pair1, pair1 + 1), tl.join(pair2, pair2 + 1)), (4 * PAIRS,)), 0),
+            (PAIRS, 2, 2))
+        # cos L and sin L as one operand [BLOCK_T, 2D] (column 4f + 2j + h): L1, L2 of one
+        # frequency stay packed side by side for the fp16 multiplies, one operand to convert
+        rotated = tl.reshape(cos_sin * luts[:, :, None, :], (BLOCK_T, 2 * HEAD_DIM))
+        acc = _matmul_nt(rotated, with_rotation, USE_DOT, INPUT_PRECISION)
+        acc += _matmul_nt(zero_key, with_zero, USE_DOT, INPUT_PRECISION)
 
-    out_rows = Out_ptr + batch * stride_sb + query_head * stride_sh + query_token * stride_sq
-    tl.store(out_rows[:, None] + tokens[None, :], acc, mask=mask_m[:, None] & mask_t[None, :])
+        out_rows = Out_ptr + batch * stride_sb + query_head * stride_sh + (
+            rows % num_query_tokens) * stride_sq
+        tl.store(out_rows[None, :] + tokens[:, None], acc,
+                 mask=(mask_t & (tokens >= num_sink))[:, None] & mask_m[None, :])
+
+    if NUM_SLOTS > 0:  # after every head's dense scores are stored (barrier: other threads')
+        tl.debug_barrier()
+        _add_outliers(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr, stride_ob,
+                      stride_oh, stride_ot, InvFreq_ptr, Out_ptr, stride_sb, stride_sh,
+                      stride_sq, batch, first_head, tokens, mask_t & (tokens >= num_sink),
+                      pid_m * BLOCK_M, num_rows, num_query_tokens, group_size,
+                      attention_scaling, HEAD_DIM, HEADS, NUM_SLOTS, CORRECTION_ROWS)
+
+    if pid_t == 0:  # the exact sink tokens of all tiles, kept out of the loop above
+        _sink_scores(Q_ptr, stride_qb, stride_qh, stride_qt, Sink_ptr, stride_kb, stride_kh,
+                     stride_kt, InvFreq_ptr, Out_ptr, stride_sb, stride_sh, stride_sq, batch,
+                     first_head, rows, mask_m, num_query_tokens, group_size, token_start,
+                     num_sink, attention_scaling, HEAD_DIM, HEADS, BLOCK_M)
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    # float32 inputs get exact float32 products (tf32 would cost ~3 decimal digits).
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _compute_dtype(dtype: torch.dtype):
+    # float32 queries keep float32 products and exact (ieee) dots; 16-bit queries get packed fp16
+    # products (rounding 2**-11, finer than the bf16 rotated keys of the first version) and fp16
+    # tensor-core dots.
+    return (tl.float32, "ieee") if dtype == torch.float32 else (tl.float16, "tf32")
 
 
 def words_layout_fits(head_dim: int, bits: int) -> bool:
@@ -330,10 +539,30 @@ def words_layout_fits(head_dim: int, bits: int) -> bool:
     return (head_dim // 2 * smallest_plane) % 32 == 0
 
 
+def _heads_per_program(num_kv_heads: int, programs_per_head: int, want: int | None) -> int:
+    """KV heads one program loops over (they share its cos/sin): the most (a power of two, up to
+    8, dividing the KV heads) that keeps the grid at >= 4 programs per SM of an H100 (132)."""
+    if want is not None:
+        if num_kv_heads % want or want & (want - 1):
+            raise ValueError(f"heads_per_program={want} must be a power of two dividing "
+                             f"{num_kv_heads} KV heads")
+        return want
+    heads = 1
+    for candidate in (2, 4, 8):
+        if num_kv_heads % candidate == 0 and (
+                programs_per_head * num_kv_heads // candidate >= 4 * 132):
+            heads = candidate
+    return heads
+
+
 def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_scaling,
-               bits, token_start, out, block_t=None, num_warps=None, words=None):
+               bits, token_start, out, sink=None, block_t=None, num_warps=None, words=None,
+               heads_per_program=None, num_stages=None):
     """Scores of post-RoPE q [B, H_q, T_q, D] against packed pre-RoPE keys (token t at RoPE
-    position t), written into out[..., token_start:T] (out: float32 [B, H_q, T_q, T])."""
+    position t), written into out[..., token_start:T] (out: float32 [B, H_q, T_q, T]).
+    sink: the exact pre-RoPE keys [B, H_kv, s, D] of tokens [0, s), used instead of their codes.
+    The launch settings (block_t, num_warps, words, heads_per_program, num_stages) are for
+    benchmarks; the defaults are the fastest measured on the H100 (bench/README.md)."""
     batch, num_kv_heads, num_tokens, _ = codes.shape
     head_dim = q.shape[-1]
     group_size = query_group(q.shape[1], num_kv_heads)
@@ -341,26 +570,41 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
     num_query_tokens = q.shape[2]
     rows = group_size * num_query_tokens
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
-    block_t = block_t or (16 if triton_interpret_enabled() else 64)
-    input_precision = _input_precision(q.dtype)
-    grid = (triton.cdiv(num_tokens - token_start, block_t), triton.cdiv(rows, block_m),
-            batch * num_kv_heads)
-    if grid[0] == 0:
+    compute, input_precision = _compute_dtype(q.dtype)
+    if block_t is None:  # sized for registers and shared memory (ptxas reports for sm_90)
+        block_t = 128 if compute == tl.float16 else 64
+        block_t = 16 if triton_interpret_enabled() else block_t // (1 if block_m == 16 else 2)
+    num_warps = num_warps or 8
+    num_stages = num_stages or 1  # the head loop's loads need no deeper pipeline, registers do
+    span = num_tokens - token_start
+    if span <= 0:
         return out
     if words is None:
         words = words_layout_fits(head_dim, bits)
+    elif words and not words_layout_fits(head_dim, bits):
+        raise ValueError(f"head_dim {head_dim} at {bits} bits does not fit the int32-word reading")
+    grid_t = triton.cdiv(span, block_t)
+    heads = _heads_per_program(num_kv_heads, grid_t * batch * triton.cdiv(rows, block_m),
+                               heads_per_program)
+    grid = (grid_t, triton.cdiv(rows, block_m), batch * num_kv_heads // heads)
     code_rows = codes.view(torch.int32) if words else codes  # strides then count int32 words
+    if sink is None or sink.shape[2] == 0:
+        sink, num_sink = codes, 0  # never read
+    else:
+        num_sink = sink.shape[2]
     _kvquant_key_scores_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         code_rows, code_rows.stride(0), code_rows.stride(1), code_rows.stride(2),
         index, delta, index.stride(0), index.stride(1), index.stride(2),
+        sink, sink.stride(0), sink.stride(1), sink.stride(2),
         zero, scale, lut, inv_freq,
         out, out.stride(0), out.stride(1), out.stride(2),
-        num_kv_heads, num_query_tokens, group_size, token_start, num_tokens,
+        num_kv_heads, num_query_tokens, group_size, token_start, num_tokens, num_sink,
         float(attention_scaling),
         HEAD_DIM=head_dim, BITS=bits, NUM_SLOTS=index.shape[-1], BLOCK_T=block_t, BLOCK_M=block_m,
-        USE_DOT=head_dim // 2 >= 16, INPUT_PRECISION=input_precision, WORDS=words,
-        **({} if num_warps is None else {"num_warps": num_warps}),
+        CORRECTION_ROWS=min(block_m, triton.next_power_of_2(rows)), HEADS=heads,
+        USE_DOT=head_dim >= 16, INPUT_PRECISION=input_precision, WORDS=words, COMPUTE=compute,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

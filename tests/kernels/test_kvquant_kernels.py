@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from kvpack.kernels import kvquant_reference as reference
 from kvpack.kernels import kvquant_triton as triton_kernels
 from support.kvquant import keys_like, random_calibration, values_like
@@ -119,6 +121,75 @@ def test_key_scores_triton_matches_reference(group, bits, head_dim, num_queries)
         assert out[..., :token_start].isnan().all(), "tokens before token_start are not written"
         torch.testing.assert_close(out[..., token_start:], expected[..., token_start:],
                                    rtol=1e-4, atol=1e-4)
+
+
+def _reference_scores(t, q, codes, index, delta, bits, head_dim, num_tokens, sink=None):
+    """q . RoPE(dequantized keys), the first sink.shape[2] keys exact (float32 throughout)."""
+    dense = reference.dequantize_keys(codes, index, delta, t["key_zero"], t["key_scale"],
+                                      t["key_lut"], bits, head_dim)
+    if sink is not None:
+        dense[:, :, : sink.shape[2]] = sink.float()
+    rotated = reference.apply_rope(dense, torch.arange(num_tokens), t["inv_freq"], 1.0)
+    return reference.scores(q.float(), rotated)
+
+
+@pytest.mark.parametrize(("dtype", "group", "bits", "head_dim"),
+                         [(torch.bfloat16, 4, 3, 128), (torch.float16, 3, 2, 64),
+                          (torch.bfloat16, 2, 4, 64)])
+def test_key_scores_of_16bit_queries_match_reference(dtype, group, bits, head_dim):
+    """16-bit queries take the fp16 path (packed fp16 products, fp16 tensor-core dots): close to
+    the float32 reference to fp16 rounding, well inside the bf16 rounding of q itself."""
+    calibration = random_calibration(head_dim=head_dim, num_kv_heads=2, outliers=0.02)
+    t, _, (codes, index, delta) = _packed_keys(calibration, bits, 2, 45, (group, bits, 5))
+    q = torch.randn(2, 2 * group, 2, head_dim).to(dtype)
+    expected = _reference_scores(t, q, codes, index, delta, bits, head_dim, 45)
+    out = torch.full((2, 2 * group, 2, 45), float("nan"))
+    triton_kernels.key_scores(q, codes, index.to(torch.uint8), delta, t["key_zero"],
+                              t["key_scale"], t["key_lut"], t["inv_freq"], 1.0, bits,
+                              token_start=0, out=out)
+    assert torch.isfinite(out).all()
+    assert ((out - expected).norm() / expected.norm()).item() < 2e-3
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=2e-2 * expected.abs().mean().item())
+
+
+@pytest.mark.parametrize(("num_sink", "dtype"), [(3, torch.float32), (19, torch.bfloat16)])
+def test_key_scores_read_exact_sink_keys(num_sink, dtype):
+    """Sink tokens' scores come from their exact keys (19 > one 16-token tile: the sink spans
+    tiles, all written by the first tile's program), the others from the codes."""
+    calibration = random_calibration(head_dim=64, num_kv_heads=2, outliers=0.02)
+    t, k, (codes, index, delta) = _packed_keys(calibration, 3, 2, 40, (num_sink, 3))
+    sink = k[:, :, :num_sink].half()
+    q = torch.randn(2, 4, 1, 64).to(dtype)
+    expected = _reference_scores(t, q, codes, index, delta, 3, 64, 40, sink=sink)
+    out = torch.full((2, 4, 1, 40), float("nan"))
+    triton_kernels.key_scores(q, codes, index.to(torch.uint8), delta, t["key_zero"],
+                              t["key_scale"], t["key_lut"], t["inv_freq"], 1.0, 3,
+                              token_start=0, out=out, sink=sink)
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+
+
+@triton.jit
+def _sin_cos_kernel(Angle, Sin, Cos, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    sin, cos = triton_kernels._sin_cos(tl.load(Angle + offsets))
+    tl.store(Sin + offsets, sin)
+    tl.store(Cos + offsets, cos)
+
+
+def test_sin_cos_keeps_float32_accuracy_at_long_positions():
+    """RoPE angles fl32(position * inv_freq) up to 1M tokens (Llama-3 frequencies): the kernel's
+    sin/cos of the float32 angle are within 1e-6 of the exact ones (a plain float32 reduction
+    would be off by ~1e-2 rad at 500K)."""
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, 128, 2).float() / 128))
+    positions = torch.tensor([0, 1, 7, 4095, 131071, 500000, 524287, 1048575]).float()
+    angle = (positions[:, None] * inv_freq[None, :]).flatten()
+    angle = torch.cat([angle, torch.zeros(1024 - angle.numel())])
+    sin, cos = torch.empty_like(angle), torch.empty_like(angle)
+    _sin_cos_kernel[(1,)](angle, sin, cos, N=1024)
+    exact = angle.double()
+    assert (sin.double() - exact.sin()).abs().max().item() < 1e-6
+    assert (cos.double() - exact.cos()).abs().max().item() < 1e-6
 
 
 @pytest.mark.parametrize("rope_scaling", [None, "llama3"])
