@@ -10,7 +10,7 @@ things compared share the machine's load at that moment. It reports the median p
 throughput of each. GetMany fetches up to 256 MiB of blocks in one call (5 rounds).
 
 This process (the client of both redis-py and the service) reuses freed memory the way the service
-does (kvpack.kvstore.allocator); `--default-allocator` measures both clients with glibc's defaults.
+does (kvpack.common.allocator); `--default-allocator` measures both clients with glibc's defaults.
 The target compares with redis-py as installed (hiredis packs commands); the service sends values
 with redis-py's Python packer (kvpack.kvstore.backends.redis), so raw SET is also timed that way
 ("raw SET, service's packer") to show how much of Put's ratio that choice accounts for.
@@ -32,10 +32,9 @@ import time
 from contextlib import ExitStack
 
 import redis
-
 from kvpack.common import record
+from kvpack.common.allocator import keep_freed_memory
 from kvpack.common.hashing import block_hashes
-from kvpack.kvstore.allocator import keep_freed_memory
 from kvpack.kvstore.backends.redis import ValueSendingConnection
 from kvpack.kvstore.client import KVStoreClient, StoreError
 

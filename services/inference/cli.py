@@ -124,6 +124,7 @@ def method_params(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from kvpack.common.allocator import keep_freed_memory
     from kvpack.inference.server import InferenceConfig, InferenceServer
 
     params = method_params(args, args.parser)
@@ -146,6 +147,7 @@ def run_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         token=args.token,
     )
+    keep_freed_memory()  # packed blocks to/from the kvstore are large buffers: reuse freed ones
     try:
         server = InferenceServer(config)
     except (ValueError, OSError) as error:

@@ -34,7 +34,7 @@ def add_parser(subparsers, name: str, help_text: str) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from kvpack.kvstore.allocator import keep_freed_memory
+    from kvpack.common.allocator import keep_freed_memory
     from kvpack.kvstore.backends import open_backend
     from kvpack.kvstore.server import KVStoreConfig, KVStoreServer
 
@@ -45,7 +45,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"kvpack kvstore serve: --backend: {error}") from None
     if args.capacity_bytes == 0:
         raise SystemExit("kvpack kvstore serve: --capacity-bytes: must be positive")
-    keep_freed_memory()  # blocks are large buffers: reuse freed ones (see kvpack.kvstore.allocator)
+    keep_freed_memory()  # blocks are large buffers: reuse freed ones (see kvpack.common.allocator)
     config = KVStoreConfig(
         listen=args.listen, backend=args.backend, metrics_port=args.metrics_port,
         capacity_bytes=args.capacity_bytes, ttl_seconds=args.ttl_seconds or None,

@@ -111,6 +111,6 @@ def test_undecodable_put_whole_fails_and_the_server_stays_up(kvstore, stub, garb
 def test_allocator_thresholds_apply_with_glibc():
     reply = subprocess.run(
         [sys.executable, "-c",
-         "from kvpack.kvstore.allocator import keep_freed_memory; print(keep_freed_memory())"],
+         "from kvpack.common.allocator import keep_freed_memory; print(keep_freed_memory())"],
         capture_output=True, text=True, check=True).stdout.strip()
     assert reply == str(platform.libc_ver()[0] == "glibc")

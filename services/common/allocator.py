@@ -8,8 +8,8 @@ into memory that is already mapped, and that decided the store's throughput more
 its code. Raising glibc's mmap and trim thresholds lets freed blocks be reused; the price is that
 a process keeps up to TRIM_THRESHOLD_BYTES of freed heap per malloc arena instead of returning it.
 
-Process-wide, so only entry points call it (`kvpack kvstore serve`, the store benchmark); a process
-that moves many blocks through KVStoreClient (the inference service) gains the same by calling it.
+Process-wide, so only entry points call it: `kvpack kvstore serve`, `kvpack inference serve`
+(it moves blocks through KVStoreClient) and the store benchmark.
 """
 
 from __future__ import annotations
