@@ -1,2 +1,3 @@
 from kvpack.cli import main
+
 raise SystemExit(main())

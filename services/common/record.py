@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import xxhash
-
 from kvpack.common.hashing import namespace_fingerprint
 
 MAGIC = b"KVPB"

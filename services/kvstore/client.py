@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
-
 from kvpack.common import record
 from kvpack.common.grpc_server import CHANNEL_OPTIONS
 from kvpack.kvstore import wire

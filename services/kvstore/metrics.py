@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from kvpack.kvstore.backends import Backend, BackendUnavailable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-from kvpack.kvstore.backends import Backend, BackendUnavailable
 
 OPS = ("match", "put", "get", "get_many", "delete", "stats")
 

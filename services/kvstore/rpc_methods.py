@@ -10,7 +10,6 @@ and KVStoreStub, which would bind the protobuf runtime to every method.
 from __future__ import annotations
 
 import grpc
-
 from kvpack.kvstore import wire
 from kvpack.proto import kvstore_pb2 as pb
 

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import grpc
-
 from kvpack.common import record
 from kvpack.common.hashing import BLOCK_HASH_BYTES, namespace_fingerprint
 from kvpack.kvstore import wire

@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from kvpack.kvstore.client import KVStoreClient, StoreUnavailable
 from support.blocks import chain, random_record
 from support.processes import free_port, wait_for
-
-from kvpack.kvstore.client import KVStoreClient, StoreUnavailable
 
 KVPACK = [sys.executable, "-m", "kvpack"]
 

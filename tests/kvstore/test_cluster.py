@@ -1,8 +1,7 @@
 """The kvstore on a real 3-master Redis Cluster on loopback."""
 
-from support.blocks import chain, random_record
-
 from kvpack.kvstore.client import KVStoreClient
+from support.blocks import chain, random_record
 
 
 def test_blocks_spread_over_the_cluster_and_round_trip(redis_cluster, kvstore_factory):

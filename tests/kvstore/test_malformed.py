@@ -4,9 +4,8 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.blocks import chain, random_record
-
 from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
+from support.blocks import chain, random_record
 
 
 @pytest.fixture

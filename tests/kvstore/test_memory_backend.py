@@ -3,9 +3,8 @@
 import time
 
 import pytest
-
-from kvpack.kvstore.backends.memory import MemoryBackend
 from kvpack.kvstore.backends.base import RecordTooLarge
+from kvpack.kvstore.backends.memory import MemoryBackend
 
 
 def test_capacity_is_never_exceeded_under_many_puts():

@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import pytest
-from support.blocks import make_record
-
 from kvpack.common import record
 from kvpack.common.hashing import BLOCK_HASH_BYTES, block_hashes, namespace_fingerprint
+from support.blocks import make_record
 
 
 def test_round_trip_keeps_header_and_payload():

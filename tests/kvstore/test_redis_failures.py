@@ -5,13 +5,12 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support.blocks import chain, random_record
-from support.processes import wait_for
-
 from kvpack.common.hashing import namespace_fingerprint
 from kvpack.kvstore.backends import block_key
 from kvpack.kvstore.client import KVStoreClient, StoreUnavailable
 from kvpack.kvstore.protocol import WHOLE_RECORD_BYTES
+from support.blocks import chain, random_record
+from support.processes import wait_for
 
 
 def _health(address: str) -> int:

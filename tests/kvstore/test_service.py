@@ -6,9 +6,8 @@ import urllib.request
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support.blocks import chain, random_record
-
 from kvpack.kvstore.client import InvalidRequest, KVStoreClient, Unauthenticated
+from support.blocks import chain, random_record
 
 
 @pytest.mark.parametrize("payload_bytes", [1, 1000, (1 << 20) - 7, 3 << 20, 64 << 20])

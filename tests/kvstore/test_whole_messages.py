@@ -10,11 +10,10 @@ import sys
 
 import grpc
 import pytest
-from support.blocks import chain, random_record
-
 from kvpack.common.grpc_server import CHANNEL_OPTIONS
 from kvpack.kvstore.client import KVStoreClient
 from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
+from support.blocks import chain, random_record
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kvpack.kvstore import wire
 from kvpack.proto import kvstore_pb2
 

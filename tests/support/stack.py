@@ -12,9 +12,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from support.processes import free_port, wait_for
-
 from kvpack.common.healthcheck import wait_serving
+
+from support.processes import free_port, wait_for
 
 
 class Process:

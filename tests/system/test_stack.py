@@ -8,12 +8,12 @@ import threading
 
 import grpc
 import pytest
-from support.processes import RedisServer, free_port, wait_for
-from support.stack import Prometheus, kvpack_argv, start_grpc_service
-
 from kvpack.common.grpc_server import CHANNEL_OPTIONS
 from kvpack.common.healthcheck import is_serving
 from kvpack.proto import inference_pb2, inference_pb2_grpc
+from support.processes import RedisServer, free_port, wait_for
+from support.stack import Prometheus, kvpack_argv, start_grpc_service
+
 from kvpack.up import prometheus_config
 
 BLOCK_TOKENS = 16

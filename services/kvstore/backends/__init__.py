@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
-from kvpack.kvstore.backends.base import Backend, BackendUnavailable, RecordTooLarge, Usage, block_key
+from kvpack.kvstore.backends.base import (
+    Backend,
+    BackendUnavailable,
+    RecordTooLarge,
+    Usage,
+    block_key,
+)
 
 SCHEMES = ("memory://", "redis://host:port/db", "redis+cluster://host:port")
 

@@ -17,12 +17,11 @@ import time
 from urllib.parse import urlparse
 
 import redis
+from kvpack.kvstore.backends.base import Backend, BackendUnavailable, Usage
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.connection import Connection, Encoder, PythonRespSerializer
 from redis.retry import Retry
-
-from kvpack.kvstore.backends.base import Backend, BackendUnavailable, Usage
 
 _FAILURES = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError,
              redis.exceptions.ClusterDownError, redis.exceptions.ResponseError)
