@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from kvpack.inference.kv_cache import LayerCache, SequenceCache
 from kvpack.inference.methods import PRE_ROPE_METHODS, MethodSpec, build_layer_codecs
-from kvpack.inference.runner import ModelRunner
+from kvpack.inference.runner import ModelRunner, append_and_attend
 
 
 class StoredAsLayerCache(LayerCache):
@@ -60,8 +60,11 @@ class EvalRunner(ModelRunner):
         """Run tokens [T] at positions start_position.. of one sequence; returns logits [T, V]."""
         positions = torch.arange(start_position, start_position + token_ids.numel(),
                                  device=self.device)[None, :]
-        hidden = self.model.model.embed_tokens(token_ids[None, :])
-        cos, sin = self._rotary(hidden, positions)
-        for layer_index, layer in enumerate(self.layers):
-            hidden = self._layer(layer, hidden, cos, sin, positions, [cache], layer_index)
+        num_tokens = token_ids.numel()
+
+        def attend(layer_index, q, k, k_rotated, v):
+            return append_and_attend(cache.layers[layer_index], q, k, k_rotated, v,
+                                      positions[0], self.scaling, num_tokens)
+
+        hidden = self.forward(token_ids[None, :], positions, attend)
         return self.model.lm_head(self.model.model.norm(hidden))[0].float()

@@ -60,7 +60,7 @@ class ModelRunner:
         num_tokens = token_ids.numel()
 
         def attend(layer_index, q, k, k_rotated, v):
-            return _append_and_attend(
+            return append_and_attend(
                 cache.layers[layer_index], q, k, k_rotated, v, positions[0], self.scaling,
                 num_tokens,
             )  # fmt: skip
@@ -96,7 +96,7 @@ class ModelRunner:
 
         def attend(layer_index, q, k, k_rotated, v):
             outputs = [
-                _append_and_attend(
+                append_and_attend(
                     cache.layers[layer_index],
                     q[i : i + 1],
                     k[i : i + 1],
@@ -155,7 +155,7 @@ class ModelRunner:
         return residual + hidden
 
 
-def _append_and_attend(layer_cache, q, k, k_rotated, v, positions, scaling, num_new_tokens):
+def append_and_attend(layer_cache, q, k, k_rotated, v, positions, scaling, num_new_tokens):
     """Append one sequence's new keys/values to its layer cache, then attend its queries."""
     # KVQuant-style codecs keep pre-RoPE keys and rotate inside their score kernel.
     stored_keys = k if layer_cache.pre_rope_keys else k_rotated
