@@ -101,6 +101,22 @@ def wait_for_puts(server: InferenceServer, target: float, timeout: float = 600.0
     return time.perf_counter() - started
 
 
+def start_server(loaded, store_address, method, params, block_tokens, prefill_chunk_tokens):
+    """An in-process inference server on a free port for one method, and a stub to call it."""
+    server = InferenceServer(
+        InferenceConfig(
+            listen="127.0.0.1:0",
+            kvstore=store_address,
+            method=method,
+            method_params=params,
+            block_tokens=block_tokens,
+            prefill_chunk_tokens=prefill_chunk_tokens,
+        ),
+        loaded=loaded,
+    )
+    return server, inference_pb2_grpc.InferenceStub(grpc.insecure_channel(server.address))
+
+
 def shared_prefix(args, loaded, store_address: str, report: dict) -> None:
     import random
 
@@ -111,18 +127,9 @@ def shared_prefix(args, loaded, store_address: str, report: dict) -> None:
     blocks = args.prefix_tokens // args.block_tokens
     for method in args.methods.split(","):
         params = METHODS[method]
-        server = InferenceServer(
-            InferenceConfig(
-                listen="127.0.0.1:0",
-                kvstore=store_address,
-                method=method,
-                method_params=params,
-                block_tokens=args.block_tokens,
-                prefill_chunk_tokens=args.prefill_chunk_tokens,
-            ),
-            loaded=loaded,
+        server, stub = start_server(
+            loaded, store_address, method, params, args.block_tokens, args.prefill_chunk_tokens
         )
-        stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(server.address))
         before = put_blocks(server)
         cold = generate(stub, prefix + suffixes[0], True, method, params)
         # every full block of A's prompt (kivi with window 0 packs them all)
@@ -145,10 +152,7 @@ def shared_prefix(args, loaded, store_address: str, report: dict) -> None:
         recompute_ttft = statistics.median(r["ttft_seconds"] for r in recompute)
         report["results"][method] = {
             "method_params": params,
-            "cold_request_a": cold,
-            "seconds_until_prefix_stored": put_seconds,
-            "reuse_request_b": warm,
-            "recompute_request_c": recompute,
+            **partial,
             "ttft_reuse_median_seconds": warm_ttft,
             "ttft_recompute_median_seconds": recompute_ttft,
             "speedup": recompute_ttft / warm_ttft,
@@ -162,18 +166,9 @@ def repeated_prompt(args, loaded, store_address: str, report: dict) -> None:
     text = args.text.read_text(encoding="utf-8")
     ids = loaded.tokenizer.encode(text[: args.prompt_tokens * 12])[: args.prompt_tokens]
     for method, params in METHODS.items():
-        server = InferenceServer(
-            InferenceConfig(
-                listen="127.0.0.1:0",
-                kvstore=store_address,
-                method=method,
-                method_params=params,
-                block_tokens=args.block_tokens,
-                prefill_chunk_tokens=args.block_tokens,
-            ),
-            loaded=loaded,
+        server, stub = start_server(
+            loaded, store_address, method, params, args.block_tokens, args.block_tokens
         )
-        stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(server.address))
         runs = []
         for _ in range(3):
             request = inference_pb2.GenerateRequest(prompt_token_ids=ids, max_new_tokens=4)
