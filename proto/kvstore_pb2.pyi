@@ -59,12 +59,14 @@ class GetWholeRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., block_hash: _Optional[bytes] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class GetManyRequest(_message.Message):
-    __slots__ = ("namespace", "block_hashes")
+    __slots__ = ("namespace", "block_hashes", "max_chunk_bytes")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, namespace: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    max_chunk_bytes: int
+    def __init__(self, namespace: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class GetChunk(_message.Message):
     __slots__ = ("found", "total_bytes", "offset", "data", "index")

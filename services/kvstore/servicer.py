@@ -10,7 +10,9 @@ PutWhole/GetWhole are the one-message forms of Put/Get and count under the same 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
 import grpc
@@ -28,6 +30,11 @@ from kvpack.kvstore.protocol import (
 from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
 
 MAX_NAMESPACE_CHARS = 512
+# GetMany on a backend with parallel_reads: records read ahead of the one being sent, per stream.
+PREFETCH_BLOCKS = 2
+LOADER_THREADS = 8
+# A loaded record: (buffer, start), the record being buffer[start:] (Backend.get_with_room).
+_Loaded = tuple[memoryview, int]
 
 
 class _Abort(Exception):
@@ -44,6 +51,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         self.metrics = metrics
         self.max_record_bytes = max_record_bytes
         self.chunk_bytes = chunk_bytes
+        self._loader = ThreadPoolExecutor(LOADER_THREADS, thread_name_prefix="kvstore-load")
 
     @contextmanager
     def _request(self, op: str, context: grpc.ServicerContext):
@@ -101,55 +109,86 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         with self._request("get", context):
             fingerprint = _namespace(request.namespace)
             _check_hash(request.block_hash, "block_hash")
-            data = self._load(request.namespace, fingerprint, request.block_hash)
-            yield from self._send(data, index=0)
+            loaded = self._load(request.namespace, fingerprint, request.block_hash)
+            yield from self._send(loaded, index=0)
 
     def GetWhole(self, request, context):
         with self._request("get", context):
             fingerprint = _namespace(request.namespace)
             _check_hash(request.block_hash, "block_hash")
-            data = self._load(request.namespace, fingerprint, request.block_hash)
+            loaded = self._load(request.namespace, fingerprint, request.block_hash)
             limit = min(request.max_bytes or DEFAULT_CHUNK_BYTES, MAX_WHOLE_RECORD_BYTES)
-            if data is not None and len(data) > limit:
+            if loaded is not None and _size(loaded) > limit:
                 # Not counted as a hit: the caller comes back for it with Get, which counts it.
-                return wire.encode_get_chunk(found=True, total_bytes=len(data))
-            return next(self._send(data, index=0, chunk_bytes=limit))  # one chunk: it fits
+                return wire.encode_get_chunk(found=True, total_bytes=_size(loaded))
+            return next(self._send(loaded, index=0, chunk_bytes=limit))  # one chunk: it fits
 
     def GetMany(self, request, context):
         with self._request("get_many", context):
             fingerprint = _namespace(request.namespace)
             _check_hashes(request.block_hashes)
-            for index, block_hash in enumerate(request.block_hashes):
-                data = self._load(request.namespace, fingerprint, block_hash)
-                yield from self._send(data, index)
+            chunk_bytes = min(request.max_chunk_bytes or DEFAULT_CHUNK_BYTES,
+                              MAX_WHOLE_RECORD_BYTES)
+            loads = (self._prefetched if self.backend.parallel_reads else self._in_turn)(
+                request.namespace, fingerprint, request.block_hashes)
+            for index, loaded in enumerate(loads):
+                yield from self._send(loaded, index, chunk_bytes)
 
-    def _load(self, namespace: str, fingerprint: bytes, block_hash: bytes) -> bytes | None:
-        """The verified record, or None (a miss). A record that fails verification is dropped."""
+    def _in_turn(self, namespace: str, fingerprint: bytes, hashes) -> Iterator[_Loaded | None]:
+        for block_hash in hashes:
+            yield self._load(namespace, fingerprint, block_hash)
+
+    def _prefetched(self, namespace: str, fingerprint: bytes, hashes) -> Iterator[_Loaded | None]:
+        """The loads of `hashes` in order, up to PREFETCH_BLOCKS of them read ahead on the loader
+        threads while the stream sends the current one (reads wait on the backend's socket, off
+        the GIL). A stream that ends early leaves at most that many reads to finish unused."""
+        pending: deque[Future] = deque()
+        upcoming = iter(hashes)
+        while True:
+            while len(pending) <= PREFETCH_BLOCKS:
+                block_hash = next(upcoming, None)
+                if block_hash is None:
+                    break
+                pending.append(self._loader.submit(self._load, namespace, fingerprint, block_hash))
+            if not pending:
+                return
+            yield pending.popleft().result()
+
+    def _load(self, namespace: str, fingerprint: bytes, block_hash: bytes) -> _Loaded | None:
+        """The verified record as (buffer, start) (see Backend.get_with_room), or None (a miss). A
+        record that fails verification is dropped."""
         key = block_key(fingerprint, block_hash)
-        data = self.backend.get(key)
-        if data is not None:
+        loaded = self.backend.get_with_room(key, wire.HEAD_ROOM)
+        if loaded is not None:
+            buffer, start = loaded
             try:
-                record.verify(data, namespace)
+                record.verify(buffer[start:], namespace)
             except record.RecordError:
                 self.metrics.corrupt_blocks.inc()
                 self.backend.delete(key)  # recomputed and re-put by the next writer
-                data = None
-        return data
+                loaded = None
+        return loaded
 
-    def _send(self, data: bytes | None, index: int,
+    def _send(self, loaded: _Loaded | None, index: int,
               chunk_bytes: int | None = None) -> Iterator[bytes]:
-        """The answer for one block: encoded GetChunks (one found=false chunk for a miss)."""
-        if data is None:
+        """The answer for one block: encoded GetChunks (one found=false chunk for a miss). A record
+        read with room before it and sent whole is framed in place (one copy)."""
+        if loaded is None:
             self.metrics.misses.inc()
             yield wire.encode_get_chunk(found=False, index=index)
             return
+        buffer, start = loaded
+        size = _size(loaded)
         self.metrics.hits.inc()
-        self.metrics.get_bytes.inc(len(data))
+        self.metrics.get_bytes.inc(size)
         chunk_bytes = chunk_bytes or self.chunk_bytes
-        view = memoryview(data)
-        for offset in range(0, len(view), chunk_bytes):
+        if size <= chunk_bytes and start >= wire.HEAD_ROOM and not buffer.readonly:
+            yield wire.frame_get_chunk(buffer, start, index)
+            return
+        view = buffer[start:]
+        for offset in range(0, size, chunk_bytes):
             yield wire.encode_get_chunk(
-                found=True, total_bytes=len(view) if offset == 0 else 0, offset=offset,
+                found=True, total_bytes=size if offset == 0 else 0, offset=offset,
                 data=view[offset : offset + chunk_bytes], index=index)
 
     def Delete(self, request, context):
@@ -215,6 +254,11 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                          f"stream ended early: {received} of total_bytes={total} bytes received")
         return first.namespace, first.block_hash, parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _size(loaded: _Loaded) -> int:
+    buffer, start = loaded
+    return len(buffer) - start
 
 
 def _chain(first, rest):

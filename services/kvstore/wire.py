@@ -93,6 +93,31 @@ def encode_get_chunk(found: bool, total_bytes: int = 0, offset: int = 0,
     return b"".join((head, data, _scalar(_GET["index"], index)))
 
 
+# Spare bytes a record needs in front of it for frame_get_chunk: the largest head it writes (found,
+# total_bytes, index and the data field's key and length, every varint at its longest).
+HEAD_ROOM = 2 + 11 + 6 + 11
+
+
+def frame_get_chunk(buffer: memoryview, start: int, index: int = 0) -> bytes:
+    """A GetChunk with the whole record `buffer[start:]` (found, total_bytes = its length, offset
+    0, index), built in place: its head is written into the `start` spare bytes before the record
+    (at least HEAD_ROOM, writable), so the record is copied once, into the message.
+
+    The head carries index before data (fields may come in any order; every protobuf parser reads
+    the same message as encode_get_chunk's)."""
+    size = len(buffer) - start
+    head = b"".join((
+        _scalar(_GET["found"], 1),
+        _scalar(_GET["total_bytes"], size),
+        _scalar(_GET["index"], index),
+        _key(_GET["data"], _LENGTH) + _varint(size) if size else b"",
+    ))
+    if len(head) > start:
+        raise ValueError(f"{start} spare bytes before the record, the head needs {len(head)}")
+    buffer[start - len(head) : start] = head
+    return bytes(buffer[start - len(head) :])  # the one copy of the record
+
+
 def _read_varint(view: memoryview, at: int) -> tuple[int, int]:
     value = shift = 0
     while True:

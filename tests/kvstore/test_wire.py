@@ -80,3 +80,18 @@ def test_malformed_messages_fail_in_both(message):
         wire.decode_put_chunk(message)
     with pytest.raises(DecodeError):
         kvstore_pb2.PutChunk.FromString(message)
+
+
+@given(st.binary(max_size=300), st.integers(0, 2**32 - 1), st.integers(0, 40))
+def test_framed_chunk_reads_like_the_encoded_one(data, index, extra_room):
+    room = wire.HEAD_ROOM + extra_room
+    buffer = memoryview(bytearray(b"\xee" * room + data))
+    framed = wire.frame_get_chunk(buffer, room, index)
+    expected = (True, len(data), 0, data, index) if data else (True, 0, 0, b"", index)
+    assert _get_fields(kvstore_pb2.GetChunk.FromString(framed)) == expected
+    assert _get_fields(wire.decode_get_chunk(framed)) == expected
+
+
+def test_framing_needs_room_for_the_head():
+    with pytest.raises(ValueError, match="spare bytes"):
+        wire.frame_get_chunk(memoryview(bytearray(b"\0" * 3 + b"data")), 3)

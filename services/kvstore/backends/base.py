@@ -29,12 +29,22 @@ def block_key(namespace_fingerprint: bytes, block_hash: bytes) -> str:
 
 class Backend(ABC):
     url: str
+    # Whether reads of several records gain from running concurrently (they wait on a socket).
+    parallel_reads: bool = False
 
     @abstractmethod
     def put(self, key: str, record: bytes | memoryview) -> None: ...
 
     @abstractmethod
     def get(self, key: str) -> bytes | None: ...
+
+    def get_with_room(self, key: str, room: int) -> tuple[memoryview, int] | None:
+        """The record as `(buffer, start)`: it is `buffer[start:]`. A backend that reads the record
+        into a fresh buffer leaves `start = room` writable bytes before it, so the service can frame
+        the record in place (one copy into the gRPC message instead of two); one that already holds
+        it as bytes returns it as is, `start = 0`. None = no such key."""
+        record = self.get(key)
+        return None if record is None else (memoryview(record), 0)
 
     @abstractmethod
     def exists(self, keys: list[str]) -> list[bool]:
