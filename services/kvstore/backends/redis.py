@@ -38,7 +38,7 @@ _SCAN_PATTERN = "kvpack:*"
 _USAGE_CACHE_SECONDS = 5.0
 # Arguments longer than this are sent as their own buffer (redis-py's own cutoff).
 _BUFFER_CUTOFF = 6000
-# Bytes hiredis reads per recv (redis-py's default is 64 KiB); one buffer of this size per connection.
+# Bytes hiredis reads per recv (redis-py: 64 KiB by default); one buffer this size per connection.
 _SOCKET_READ_BYTES = 1 << 20
 # First read of a raw GET reply: the bulk header plus the start of the value (small records whole).
 _FIRST_READ_BYTES = 64 << 10
