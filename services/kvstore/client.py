@@ -8,14 +8,20 @@
 Every call has a deadline. Calls are idempotent (a put writes the same record under the same
 content-derived key), so UNAVAILABLE is retried a few times with backoff; after that the store is
 reported as `StoreUnavailable`, the one exception callers handle to fall back to recomputation.
-Records returned by `get` are verified again here, so nothing corrupted in transit is ever used.
-A record of up to `whole_record_bytes` goes as one message each way (PutWhole/GetWhole); larger ones
-stream in chunks (Put/Get).
+Records returned by `get`/`get_many`/`iter_many` are verified again here (xxh3, off the GIL), so
+nothing corrupted in transit is ever used. A record of up to `whole_record_bytes` goes as one
+message each way (PutWhole/GetWhole, and whole records in GetMany); larger ones stream in chunks.
+
+Many blocks (a prompt's prefix) come fastest through `iter_many`: it spreads them over `streams`
+GetMany calls on separate connections (gRPC's core receives them off the GIL, in parallel) and
+yields each block, in order, as soon as it arrived, so the caller loads block i while later
+blocks are still on the wire.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +41,8 @@ from kvpack.proto import kvstore_pb2
 
 T = TypeVar("T")
 _UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# GetMany connections a client spreads a prefix over by default (see iter_many).
+DEFAULT_STREAMS = 4
 
 
 class StoreError(Exception):
@@ -56,7 +64,7 @@ class Unauthenticated(StoreError, PermissionError):
 class KVStoreClient:
     def __init__(self, target: str, *, token: str | None = None, timeout_seconds: float = 5.0,
                  retries: int = 2, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 min_bytes_per_second: float = 50e6, streams: int = 1,
+                 min_bytes_per_second: float = 50e6, streams: int = DEFAULT_STREAMS,
                  whole_record_bytes: int = WHOLE_RECORD_BYTES) -> None:
         """
         Args:
@@ -65,7 +73,7 @@ class KVStoreClient:
             timeout_seconds: deadline of one attempt (puts and gets get extra time for their size,
                 at `min_bytes_per_second`).
             retries: extra attempts after UNAVAILABLE / deadline exceeded.
-            streams: connections `get_many` spreads a large prefix over, in parallel (one
+            streams: connections `iter_many`/`get_many` spread many blocks over, in parallel (one
                 connection moves at most a few hundred MB/s through Python's gRPC).
             whole_record_bytes: records up to this size go as one message (0: always stream).
         """
@@ -118,20 +126,27 @@ class KVStoreClient:
 
     def get_many(self, namespace: str, hashes: list[bytes]) -> list[bytes | None]:
         """Several blocks in one call, in order; None for each miss (or corrupt block)."""
-        if not hashes:
-            return []
-        groups = _split(hashes, len(self._stubs))
-        if len(groups) == 1:
-            blocks = self._get_group(self._stub, namespace, hashes)
-        else:
-            futures = [self._pool.submit(self._get_group, stub, namespace, group)
-                       for stub, group in zip(self._stubs, groups)]
-            blocks = [block for future in futures for block in future.result()]
-        return [_verified(data, namespace) for data in blocks]
+        return list(self.iter_many(namespace, hashes))
 
-    def _get_group(self, stub, namespace: str, hashes: list[bytes]) -> list[bytes | None]:
-        request = kvstore_pb2.GetManyRequest(namespace=namespace, block_hashes=hashes)
-        return self._call(lambda: self._receive(stub.get_many, request, len(hashes)))
+    def iter_many(self, namespace: str, hashes: list[bytes], *,
+                  copy: bool = True) -> Iterator[bytes | memoryview | None]:
+        """The blocks of `hashes` in order, each yielded as soon as it and every block before it
+        arrived and verified; None for a miss or a corrupt block.
+
+        Block i travels on stream i % streams (one GetMany per stream, whole records per message
+        up to `whole_record_bytes`), so blocks arrive nearly in order. `copy=False` yields each
+        record as a read-only memoryview into its received message instead of a bytes copy.
+        A stream that fails with UNAVAILABLE is restarted for its blocks not yet received (up to
+        `retries` times); then StoreUnavailable is raised. Leaving the loop early cancels the
+        streams still running.
+        """
+        if not hashes:
+            return
+        fetch = _ManyFetch(self, namespace, hashes, copy)
+        try:
+            yield from fetch.blocks()
+        finally:
+            fetch.cancel()
 
     def match(self, namespace: str, hashes: list[bytes]) -> int:
         request = kvstore_pb2.MatchRequest(namespace=namespace, block_hashes=hashes)
@@ -176,24 +191,12 @@ class KVStoreClient:
     def _receive(self, method, request, count: int) -> list[bytes | None]:
         """Reassemble the chunks of `count` blocks (in order, each announced by total_bytes)."""
         blocks: list[bytes | None] = [None] * count
-        parts: list[memoryview] = []
-        expected = received = 0
         # The deadline must cover the transfer, whose size is learnt only from the chunks: allow
         # the largest record a server accepts by default, per block.
         deadline = self._timeout + count * DEFAULT_MAX_RECORD_BYTES / self._min_rate
-        for chunk in method(request, timeout=deadline, metadata=self._metadata):
-            if not chunk.found:
-                continue
-            if chunk.offset == 0:
-                parts, expected, received = [], chunk.total_bytes, 0
-            if chunk.offset != received or chunk.index >= count:
-                raise StoreUnavailable(f"kvstore at {self.target}: malformed Get stream")
-            parts.append(chunk.data)
-            received += len(chunk.data)
-            if received == expected:
-                blocks[chunk.index] = b"".join(parts)
-        if received != expected:
-            raise StoreUnavailable(f"kvstore at {self.target}: Get stream ended early")
+        call = method(request, timeout=deadline, metadata=self._metadata)
+        for index, data in _assembled(call, count, self.target):
+            blocks[index] = bytes(data)
         return blocks
 
     def _call(self, attempt: Callable[[], T]) -> T:
@@ -201,33 +204,139 @@ class KVStoreClient:
             try:
                 return attempt()
             except grpc.RpcError as error:
-                code = error.code()
-                if code in _UNAVAILABLE:
-                    if attempt_index < self._retries:
-                        time.sleep(0.05 * 2**attempt_index)
-                        continue
-                    raise StoreUnavailable(f"kvstore at {self.target}: {error.details()}") from None
-                if code is grpc.StatusCode.UNAUTHENTICATED:
-                    raise Unauthenticated(error.details()) from None
-                if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                    raise InvalidRequest(error.details()) from None
-                raise StoreError(f"kvstore at {self.target}: {code.name}: {error.details()}") from None
+                if error.code() in _UNAVAILABLE and attempt_index < self._retries:
+                    time.sleep(0.05 * 2**attempt_index)
+                    continue
+                raise self._error(error) from None
         raise AssertionError("unreachable")
 
+    def _error(self, error: grpc.RpcError) -> StoreError:
+        """The client's exception for a failed call."""
+        code = error.code()
+        if code in _UNAVAILABLE:
+            return StoreUnavailable(f"kvstore at {self.target}: {error.details()}")
+        if code is grpc.StatusCode.UNAUTHENTICATED:
+            return Unauthenticated(error.details())
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+            return InvalidRequest(error.details())
+        return StoreError(f"kvstore at {self.target}: {code.name}: {error.details()}")
 
-def _split(items: list, parts: int) -> list[list]:
-    """At most `parts` contiguous groups of near-equal size, in order."""
-    parts = min(parts, len(items))
-    size, extra = divmod(len(items), parts)
-    groups, start = [], 0
-    for index in range(parts):
-        end = start + size + (index < extra)
-        groups.append(items[start:end])
-        start = end
-    return groups
+
+def _assembled(chunks, count: int, target: str) -> Iterator[tuple[int, memoryview | bytes]]:
+    """(index, record) for every found block of a Get/GetMany stream, as each completes. A record
+    that came in one chunk is a view into its message; one in several is joined (one copy)."""
+    parts: list[memoryview] = []
+    expected = received = 0
+    for chunk in chunks:
+        if not chunk.found:
+            continue
+        if chunk.offset == 0:
+            parts, expected, received = [], chunk.total_bytes, 0
+        if chunk.offset != received or chunk.index >= count:
+            raise StoreUnavailable(f"kvstore at {target}: malformed Get stream")
+        parts.append(chunk.data)
+        received += len(chunk.data)
+        if received == expected:
+            yield chunk.index, parts[0] if len(parts) == 1 else b"".join(parts)
+    if received != expected:
+        raise StoreUnavailable(f"kvstore at {target}: Get stream ended early")
 
 
-def _verified(data: bytes | None, namespace: str) -> bytes | None:
+class _ManyFetch:
+    """The streams of one iter_many call and the blocks they delivered."""
+
+    def __init__(self, client: KVStoreClient, namespace: str, hashes: list[bytes], copy: bool):
+        self.client = client
+        self.namespace = namespace
+        self.hashes = hashes
+        self.copy = copy
+        self.streams = min(len(client._stubs), len(hashes))
+        self.results: dict[int, bytes | memoryview | None] = {}
+        self.error: BaseException | None = None
+        self.ready = threading.Condition()
+        self.calls: list = []
+        self.cancelled = False
+        if self.streams == 1:
+            self.workers = []  # the caller's thread runs the one stream itself, in blocks()
+        else:
+            self.workers = [client._pool.submit(self._run, stream) for stream in
+                            range(self.streams)]
+
+    def blocks(self) -> Iterator[bytes | memoryview | None]:
+        if self.streams == 1:
+            yield from self._stream(0, inline=True)
+            return
+        for index in range(len(self.hashes)):
+            with self.ready:
+                while index not in self.results and self.error is None:
+                    self.ready.wait()
+                if index not in self.results:
+                    raise self.error
+                yield self.results.pop(index)
+
+    def cancel(self) -> None:
+        with self.ready:
+            self.cancelled = True
+            calls = list(self.calls)
+        for call in calls:
+            call.cancel()
+        for worker in self.workers:
+            worker.exception()  # wait: no stream outlives the call that started it
+
+    def _run(self, stream: int) -> None:
+        try:
+            for index, block in self._stream(stream, inline=False):
+                with self.ready:
+                    self.results[index] = block
+                    self.ready.notify_all()
+        except BaseException as error:  # handed to the consumer
+            with self.ready:
+                if self.error is None:
+                    self.error = error
+                self.ready.notify_all()
+
+    def _stream(self, stream: int, inline: bool) -> Iterator[tuple[int, object] | object]:
+        """Blocks of one stream: (index, block) pairs, or bare blocks in order when inline."""
+        client = self.client
+        remaining = list(range(stream, len(self.hashes), self.streams))
+        attempt = 0
+        while remaining:
+            request = kvstore_pb2.GetManyRequest(
+                namespace=self.namespace, block_hashes=[self.hashes[i] for i in remaining],
+                max_chunk_bytes=client._whole_bytes or DEFAULT_CHUNK_BYTES)
+            deadline = (client._timeout
+                        + len(remaining) * DEFAULT_MAX_RECORD_BYTES / client._min_rate)
+            done = 0
+            try:
+                with self.ready:
+                    if self.cancelled:
+                        return
+                    call = client._stubs[stream].get_many(request, timeout=deadline,
+                                                          metadata=client._metadata)
+                    self.calls.append(call)
+                for position, data in _assembled(call, len(remaining), client.target):
+                    if position != done:  # a miss before it: None in its place
+                        for missing in remaining[done:position]:
+                            yield (None if inline else (missing, None))
+                    block = _verified(data, self.namespace)
+                    if block is not None and self.copy:
+                        block = bytes(block)
+                    yield (block if inline else (remaining[position], block))
+                    done = position + 1
+                for missing in remaining[done:]:
+                    yield (None if inline else (missing, None))
+                return
+            except grpc.RpcError as error:
+                remaining = remaining[done:]
+                if (error.code() in _UNAVAILABLE and attempt < client._retries
+                        and not self.cancelled):
+                    time.sleep(0.05 * 2**attempt)
+                    attempt += 1
+                    continue
+                raise client._error(error) from None
+
+
+def _verified(data: bytes | memoryview | None, namespace: str) -> bytes | memoryview | None:
     """Checked again after the transfer: nothing corrupted on the way is ever used."""
     if data is None:
         return None
