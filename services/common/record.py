@@ -63,8 +63,12 @@ def encode(header: RecordHeader, payload: bytes) -> bytes:
     return body + xxhash.xxh3_128_digest(body)
 
 
-def verify(data: bytes | memoryview, namespace: str | None = None) -> RecordHeader:
+def verify(data: bytes | memoryview, namespace: str | None = None, *,
+           checksum: bool = True) -> RecordHeader:
     """Check a record without copying its payload; return its header.
+
+    `checksum=False` skips the checksum (every other check stays): for bytes whose checksum the
+    caller has verified already (KVStoreClient verifies every record it returns).
 
     Raises:
         RecordError: naming what is wrong. `namespace`, when given, must match the record's.
@@ -84,7 +88,7 @@ def verify(data: bytes | memoryview, namespace: str | None = None) -> RecordHead
     body_len = payload_len_at + _PAYLOAD_LEN.size + payload_len
     if body_len + CHECKSUM_BYTES != len(view):
         raise RecordError(f"length mismatch: header says {body_len + CHECKSUM_BYTES}, got {len(view)}")
-    if xxhash.xxh3_128_digest(view[:body_len]) != bytes(view[body_len:]):
+    if checksum and xxhash.xxh3_128_digest(view[:body_len]) != bytes(view[body_len:]):
         raise RecordError("checksum mismatch")
     try:
         fields = json.loads(bytes(view[_PREFIX.size:payload_len_at]))
@@ -96,9 +100,11 @@ def verify(data: bytes | memoryview, namespace: str | None = None) -> RecordHead
     return header
 
 
-def decode(data: bytes | memoryview, namespace: str | None = None) -> tuple[RecordHeader, memoryview]:
-    """Verify a record and return its header and a zero-copy view of its payload."""
-    header = verify(data, namespace)
+def decode(data: bytes | memoryview, namespace: str | None = None, *,
+           checksum: bool = True) -> tuple[RecordHeader, memoryview]:
+    """Verify a record and return its header and a zero-copy view of its payload (`checksum` as
+    in verify)."""
+    header = verify(data, namespace, checksum=checksum)
     view = memoryview(data)
     start = len(view) - CHECKSUM_BYTES - _payload_len(view)
     return header, view[start : len(view) - CHECKSUM_BYTES]

@@ -210,8 +210,9 @@ class Engine:
             namespace = namespace_of(self.loaded.model_id, codecs[0], request.tenant)
             layout = self._layout(codecs[0])
             hashes = self.prefix_store.hashes(prompt)
-            blocks = self.prefix_store.fetch_prefix(prompt, namespace, layout)
-            cache, cached = self._load_blocks(cache, new_cache, blocks)
+            cache, cached = self.prefix_store.load_prefix(
+                prompt, namespace, layout, cache, new_cache
+            )
         sequence = _Sequence(
             handle=RequestHandle(),
             request=request,
@@ -247,28 +248,6 @@ class Engine:
             head_dim=runner.head_dim,
             block_tokens=self.prefix_store.block_tokens,
         )
-
-    def _load_blocks(self, cache: SequenceCache, new_cache, blocks) -> tuple[SequenceCache, int]:
-        """Append fetched blocks to an empty cache; returns the cache and the tokens loaded.
-
-        A block the codec refuses midway leaves some layers longer than others, so the cache is
-        rebuilt from the blocks before it (which loaded fine) and the rest is recomputed.
-        """
-        for index, block in enumerate(blocks):
-            try:
-                for layer, (key_bytes, value_bytes) in zip(cache.layers, block, strict=True):
-                    layer.load_block(key_bytes, value_bytes)
-            except (ValueError, RuntimeError) as error:
-                self.prefix_store.count_fallback("corrupt", error)
-                cache = new_cache()
-                for good in blocks[:index]:
-                    for layer, (key_bytes, value_bytes) in zip(cache.layers, good, strict=True):
-                        layer.load_block(key_bytes, value_bytes)
-                blocks = blocks[:index]
-                break
-        loaded = len(blocks) * self.prefix_store.block_tokens
-        self.metrics.prefix_hit_tokens.inc(loaded)
-        return cache, loaded
 
     def close(self) -> None:
         self._stopping.set()

@@ -5,8 +5,14 @@ A block is `block_tokens` prompt tokens; its key is the chained hash of the toke
 record (kvpack.common.record): for every layer, the packed keys then the packed values of that
 block, exactly as `codec.block_to_bytes` wrote them, with their sizes in the header.
 
+Reads (`load_prefix`) pipeline the transfer with the load: the blocks come through
+`KVStoreClient.iter_many` (several GetMany streams on separate connections, received by gRPC's
+core off the GIL, each record verified once by the client) and each block is loaded into the cache
+as soon as it and the blocks before it arrived, while later ones are still on the wire. The record
+is not copied between its received message and the per-layer key/value bytes the codec takes.
+
 Every store failure (down, slow, a record that fails verification or does not fit this model and
-codec) degrades to recomputation: `fetch_prefix` stops at the first bad block and the caller
+codec) degrades to recomputation: `load_prefix` stops at the first bad block and the caller
 computes the rest. Puts run on a background thread behind a bounded queue, so they never delay a
 token.
 """
@@ -23,7 +29,7 @@ from typing import Any
 
 from kvpack.common import record
 from kvpack.common.hashing import block_hashes
-from kvpack.inference.kv_cache import LayerCache
+from kvpack.inference.kv_cache import LayerCache, SequenceCache
 from kvpack.inference.metrics import InferenceMetrics
 from kvpack.kernels.codec import KVCodec
 
@@ -43,6 +49,22 @@ class BlockLayout:
     num_kv_heads: int
     head_dim: int
     block_tokens: int
+
+
+_END = object()
+
+
+@dataclass
+class LoadStats:
+    """What one load_prefix did: blocks and record bytes loaded; seconds spent waiting for blocks
+    to arrive (the transfer not hidden behind loading), loading them into the cache (splitting
+    the record, the codec's append, host-to-device copies), and in all (match included)."""
+
+    blocks: int = 0
+    bytes: int = 0
+    wait_seconds: float = 0.0
+    load_seconds: float = 0.0
+    total_seconds: float = 0.0
 
 
 def namespace_of(model_id: str, codec: KVCodec, tenant: str) -> str:
@@ -65,6 +87,7 @@ class PrefixStore:
         self.client = client
         self.block_tokens = block_tokens
         self.metrics = metrics
+        self.last_load = LoadStats()
         self._puts: queue.Queue = queue.Queue(maxsize=max_pending_puts)
         self._writer = threading.Thread(target=self._write_loop, name="kvstore-put", daemon=True)
         self._writer.start()
@@ -80,47 +103,104 @@ class PrefixStore:
             self.metrics.kvstore_request_seconds.labels(op=op).observe(time.perf_counter() - start)
 
     # -- read path ---------------------------------------------------------------------------
-    def fetch_prefix(
-        self, token_ids: list[int], namespace: str, layout: BlockLayout
-    ) -> list[list[tuple[bytes, bytes]]]:
-        """Verified payloads of the longest stored run of leading full blocks of `token_ids`.
+    def load_prefix(
+        self,
+        token_ids: list[int],
+        namespace: str,
+        layout: BlockLayout,
+        cache: SequenceCache,
+        new_cache: Callable[[], SequenceCache],
+    ) -> tuple[SequenceCache, int]:
+        """Load the longest stored run of leading full blocks of `token_ids` into the empty `cache`.
 
-        Each block is, per layer, (key bytes, value bytes) for `append_block`. Only blocks that end
-        before the last prompt token are asked for: that token must be computed to get the
-        logits of the first new token.
+        Returns the cache and the number of tokens loaded. Only blocks that end before the last
+        prompt token are asked for: that token must be computed to get the logits of the first
+        new token. Each block is loaded as soon as it arrived; the first one that is missing,
+        unreadable or refused by the codec ends the prefix there (counted), and a block the codec
+        refuses halfway (some layers longer than others) makes the cache be rebuilt from the
+        blocks before it. `last_load` describes the latest call (see LoadStats).
         """
         from kvpack.kvstore.client import StoreError
 
+        started = time.perf_counter()
+        stats = self.last_load = LoadStats()
         hashes = self.hashes(token_ids[:-1])
         self.metrics.prefix_query_tokens.inc(len(token_ids))
         if not hashes:
-            return []
+            return cache, 0
         try:
             matched = self._timed("match", lambda: self.client.match(namespace, hashes))
         except StoreError as error:
             self.count_fallback("unavailable", error)
-            return []
-        blocks: list[list[tuple[bytes, bytes]]] = []
-        for block_hash in hashes[:matched]:
-            try:
-                data = self._timed("get", lambda h=block_hash: self.client.get(namespace, h))
-            except StoreError as error:
-                self.count_fallback("unavailable", error)
-                break
-            if data is None:  # evicted between Match and Get, or dropped as corrupt by the store
-                self.count_fallback("miss", None)
-                break
-            try:
-                blocks.append(self._split_block(data, namespace, layout))
-            except (record.RecordError, ValueError, KeyError, TypeError) as error:
-                self.count_fallback("corrupt", error)
-                break
-        return blocks
+            return cache, 0
+        loaded = self._load_blocks(cache, namespace, layout, hashes[:matched], stats)
+        if loaded is None:  # refused halfway through a block: rebuild from the good ones
+            good = stats.blocks
+            cache, stats.blocks, stats.bytes = new_cache(), 0, 0
+            if self._load_blocks(cache, namespace, layout, hashes[:good], stats) != good:
+                cache, stats.blocks = new_cache(), 0
+        tokens = stats.blocks * self.block_tokens
+        self.metrics.prefix_hit_tokens.inc(tokens)
+        stats.total_seconds = time.perf_counter() - started
+        if matched:
+            self.metrics.kvstore_request_seconds.labels(op="get_many").observe(stats.total_seconds)
+        return cache, tokens
+
+    def _load_blocks(
+        self,
+        cache: SequenceCache,
+        namespace: str,
+        layout: BlockLayout,
+        hashes: list[bytes],
+        stats: LoadStats,
+    ) -> int | None:
+        """Fetch and load `hashes` in order; the number of blocks loaded, None if a block was
+        refused halfway (the cache is then unusable)."""
+        from kvpack.kvstore.client import StoreError
+
+        if not hashes:
+            return 0
+        blocks = self.client.iter_many(namespace, hashes, copy=False)
+        try:
+            while True:
+                waited = time.perf_counter()
+                try:
+                    data = next(blocks, _END)
+                except StoreError as error:
+                    self.count_fallback("unavailable", error)
+                    break
+                finally:
+                    stats.wait_seconds += time.perf_counter() - waited
+                if data is _END:
+                    break
+                if data is None:  # evicted between Match and Get, or dropped as corrupt
+                    self.count_fallback("miss", None)
+                    break
+                loading = time.perf_counter()
+                try:
+                    parts = self._split_block(data, namespace, layout)
+                except (record.RecordError, ValueError, KeyError, TypeError) as error:
+                    self.count_fallback("corrupt", error)
+                    break
+                try:
+                    for layer, (key_bytes, value_bytes) in zip(cache.layers, parts, strict=True):
+                        layer.load_block(key_bytes, value_bytes)
+                except (ValueError, RuntimeError) as error:
+                    self.count_fallback("corrupt", error)
+                    return None
+                finally:
+                    stats.load_seconds += time.perf_counter() - loading
+                stats.blocks += 1
+                stats.bytes += len(data)
+        finally:
+            blocks.close()  # cancels the streams of blocks we no longer want
+        return stats.blocks
 
     def _split_block(
-        self, data: bytes, namespace: str, layout: BlockLayout
+        self, data: bytes | memoryview, namespace: str, layout: BlockLayout
     ) -> list[tuple[bytes, bytes]]:
-        header, payload = record.decode(data, namespace)
+        # The client verified the checksum of these very bytes (and the namespace) on arrival.
+        header, payload = record.decode(data, namespace, checksum=False)
         expected = {
             "kind": RECORD_KIND,
             "model": layout.model_id,
@@ -142,6 +222,7 @@ class PrefixStore:
         offset = 0
         for key_bytes, value_bytes in sizes:
             middle = offset + key_bytes
+            # bytes: the codecs parse a header out of each (the one copy of the payload here)
             parts.append(
                 (bytes(payload[offset:middle]), bytes(payload[middle : middle + value_bytes]))
             )

@@ -179,3 +179,82 @@ def test_mismatched_or_corrupt_records_are_recomputed(stories, kvstore, inferenc
         result = generate(stub, prompt=STORY, max_new_tokens=10)
         assert result.usage.cached_tokens == 0 and result.token_ids == reference.token_ids
         assert server.metrics.value("kvpack_kvstore_errors_total", reason="corrupt") == 2
+
+
+LONG_STORY = " ".join([STORY] * 4)
+
+
+def _reference_and_stored(stories, server, stub, max_new_tokens=12):
+    reference = generate(stub, prompt=LONG_STORY, max_new_tokens=max_new_tokens, reuse=False)
+    first = generate(stub, prompt=LONG_STORY, max_new_tokens=max_new_tokens)
+    assert first.token_ids == reference.token_ids
+    num_blocks = first.usage.prompt_tokens // BLOCK_TOKENS
+    wait_for(lambda: stored_blocks(server) == num_blocks)
+    prompt_ids = stories.tokenizer.encode(LONG_STORY)
+    fingerprint = server.engine.codecs_for(server.engine.default_method)[0].fingerprint()
+    namespace = f"{stories.model_id}|fp16:{fingerprint}|"
+    return reference, namespace, block_hashes(prompt_ids, BLOCK_TOKENS)
+
+
+def test_a_long_prefix_arrives_over_parallel_streams_and_is_described(
+    stories, redis_server, kvstore_factory, inference_factory, connect
+):
+    """Many blocks through a Redis-backed store: loaded in order while later ones are in flight
+    (4 GetMany streams), the same text, and the load's breakdown recorded."""
+    store = kvstore_factory(backend=redis_server.url)
+    server = inference_factory(stories, kvstore=store.address, block_tokens=BLOCK_TOKENS)
+    stub = connect(server.address)
+    reference, _, hashes = _reference_and_stored(stories, server, stub)
+    again = generate(stub, prompt=LONG_STORY, max_new_tokens=12)
+    assert again.usage.cached_tokens == expected_cached_tokens(again.usage.prompt_tokens)
+    assert again.token_ids == reference.token_ids
+    stats = server.prefix_store.last_load
+    assert stats.blocks == again.usage.cached_tokens // BLOCK_TOKENS >= 10
+    assert stats.bytes > stats.blocks * 1000
+    assert 0 < stats.load_seconds and 0 <= stats.wait_seconds
+    assert stats.total_seconds >= stats.load_seconds + stats.wait_seconds
+    assert server.prefix_store.client._stubs and len(server.prefix_store.client._stubs) > 1
+
+
+def test_a_corrupt_block_in_the_middle_keeps_the_blocks_before_it(
+    stories, redis_server, kvstore_factory, inference_factory, connect
+):
+    store = kvstore_factory(backend=redis_server.url)
+    server = inference_factory(stories, kvstore=store.address, block_tokens=BLOCK_TOKENS)
+    stub = connect(server.address)
+    reference, namespace, hashes = _reference_and_stored(stories, server, stub)
+    from kvpack.common.hashing import namespace_fingerprint
+    from kvpack.kvstore.backends import block_key
+
+    raw = redis_server.client()
+    key = block_key(namespace_fingerprint(namespace), hashes[5])
+    value = raw.get(key)
+    raw.set(key, value[:-30] + bytes([value[-30] ^ 1]) + value[-29:])
+    again = generate(stub, prompt=LONG_STORY, max_new_tokens=12)
+    assert again.usage.cached_tokens == 5 * BLOCK_TOKENS
+    assert again.token_ids == reference.token_ids
+    assert server.metrics.value("kvpack_kvstore_errors_total", reason="miss") == 1
+    with KVStoreClient(store.address) as client:
+        assert client.stats()["corrupt_blocks"] == 1
+
+
+def test_a_block_refused_halfway_is_rebuilt_from_the_blocks_before_it(
+    stories, kvstore, inference_factory, connect
+):
+    """A record that passes every check but whose third layer the codec refuses: the layers
+    before it already took the block, so the cache is rebuilt from the good blocks."""
+    server = inference_factory(stories, kvstore=kvstore.address, block_tokens=BLOCK_TOKENS)
+    stub = connect(server.address)
+    reference, namespace, hashes = _reference_and_stored(stories, server, stub)
+    with KVStoreClient(kvstore.address) as client:
+        header, payload = record.decode(client.get(namespace, hashes[3]), namespace)
+        sizes = header.extra["sizes"]
+        third_layer = sum(map(sum, sizes[:2]))
+        broken = bytearray(payload)
+        broken[third_layer : third_layer + 4] = b"XXXX"  # the codec's own magic, not ours
+        client.put(namespace, hashes[3], record.encode(header, bytes(broken)))
+        again = generate(stub, prompt=LONG_STORY, max_new_tokens=12)
+    assert again.usage.cached_tokens == 3 * BLOCK_TOKENS
+    assert again.token_ids == reference.token_ids
+    assert server.metrics.value("kvpack_kvstore_errors_total", reason="corrupt") == 1
+    assert server.metrics.value("kvpack_prefix_hit_tokens_total") == 3 * BLOCK_TOKENS
