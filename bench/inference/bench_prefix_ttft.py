@@ -12,25 +12,35 @@ GPU, a random-weight Llama-3-8B-shaped model in bf16 and a real redis-server beh
 blocks; once they are all written, request B = prefix + suffix B (another suffix: only the prefix
 is shared) fetches the prefix and computes the suffix; request C is B again with reuse off, which
 recomputes everything. Speed-up = TTFT(C) / TTFT(B). B and C are repeated and the medians kept.
+Every B records where its time went (`reuse_breakdown`): the prefix store's load (blocks, bytes,
+seconds spent waiting for blocks to arrive and loading them into the cache, its total) and the
+rest of the TTFT (the suffix's prefill and the first token: `compute_seconds`).
 
     . bench/device_env.sh && python bench/inference/bench_prefix_ttft.py --random-llama3-8b \\
         --redis --device cuda --prefix-tokens 32768 --out $OUT/inference_prefix_ttft_h100.json
+
+The kvstore runs as its own process (`kvpack kvstore serve`), as deployed: in this process it
+would share the GIL with the inference server that receives and loads the blocks.
+`--kvstore-streams N` sets the GetMany connections the inference server's client fetches over.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import grpc
 from kvpack.inference.server import InferenceConfig, InferenceServer
+from kvpack.kvstore.client import KVStoreClient, StoreError
 from kvpack.kvstore.server import KVStoreConfig, KVStoreServer
 from kvpack.proto import inference_pb2, inference_pb2_grpc
 
@@ -77,6 +87,27 @@ def start_redis() -> tuple[subprocess.Popen, int, str]:
     raise RuntimeError("redis-server did not start")
 
 
+def start_kvstore_process(backend: str) -> tuple[subprocess.Popen, str]:
+    """`kvpack kvstore serve` on a free port; the process and its address once it answers."""
+    address = f"127.0.0.1:{free_port()}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvpack", "kvstore", "serve", "--listen", address,
+         "--metrics-port", "0", "--backend", backend, "--capacity-bytes", str(16 << 30)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    with KVStoreClient(address, timeout_seconds=1, retries=0) as client:
+        for _ in range(300):
+            try:
+                client.stats()
+                return process, address
+            except StoreError:
+                if process.poll() is not None:
+                    raise RuntimeError("kvpack kvstore serve exited") from None
+                time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("kvpack kvstore serve did not answer")
+
+
 def generate(stub, ids: list[int], reuse: bool, method: str, params: dict) -> dict:
     request = inference_pb2.GenerateRequest(
         prompt_token_ids=ids, max_new_tokens=2, reuse=reuse, method=method
@@ -101,8 +132,11 @@ def wait_for_puts(server: InferenceServer, target: float, timeout: float = 600.0
     return time.perf_counter() - started
 
 
-def start_server(loaded, store_address, method, params, block_tokens, prefill_chunk_tokens):
-    """An in-process inference server on a free port for one method, and a stub to call it."""
+def start_server(
+    loaded, store_address, method, params, block_tokens, prefill_chunk_tokens, streams=None
+):
+    """An in-process inference server on a free port for one method, and a stub to call it.
+    `streams`: GetMany connections of its kvstore client (None: the client's default)."""
     server = InferenceServer(
         InferenceConfig(
             listen="127.0.0.1:0",
@@ -114,6 +148,12 @@ def start_server(loaded, store_address, method, params, block_tokens, prefill_ch
         ),
         loaded=loaded,
     )
+    if streams is not None and server.prefix_store is not None:
+        # the server's own client, with another number of streams (same deadlines and retries)
+        server.prefix_store.client.close()
+        server.prefix_store.client = KVStoreClient(
+            store_address, timeout_seconds=1.0, retries=1, streams=streams
+        )
     return server, inference_pb2_grpc.InferenceStub(grpc.insecure_channel(server.address))
 
 
@@ -128,7 +168,13 @@ def shared_prefix(args, loaded, store_address: str, report: dict) -> None:
     for method in args.methods.split(","):
         params = METHODS[method]
         server, stub = start_server(
-            loaded, store_address, method, params, args.block_tokens, args.prefill_chunk_tokens
+            loaded,
+            store_address,
+            method,
+            params,
+            args.block_tokens,
+            args.prefill_chunk_tokens,
+            args.kvstore_streams,
         )
         before = put_blocks(server)
         cold = generate(stub, prefix + suffixes[0], True, method, params)
@@ -136,23 +182,40 @@ def shared_prefix(args, loaded, store_address: str, report: dict) -> None:
         put_seconds = wait_for_puts(
             server, before + blocks + args.suffix_tokens // args.block_tokens
         )
-        warm, recompute = [], []
+        warm, recompute, breakdown = [], [], []
         partial = report["results"][method] = {
             "cold_request_a": cold,
             "seconds_until_prefix_stored": put_seconds,
+            "kvstore_streams": len(server.prefix_store.client._stubs),
             "reuse_request_b": warm,
+            "reuse_breakdown": breakdown,
             "recompute_request_c": recompute,
         }
         for _ in range(args.repeats):
             warm.append(generate(stub, prefix + suffixes[1], True, method, params))
+            load = dataclasses.asdict(server.prefix_store.last_load)
+            load["compute_seconds"] = warm[-1]["ttft_seconds"] - load["total_seconds"]
+            load["mb_per_s"] = load["bytes"] / max(load["total_seconds"], 1e-9) / 1e6
+            breakdown.append(load)
             recompute.append(generate(stub, prefix + suffixes[1], False, method, params))
             print(method, json.dumps(partial), flush=True)
             args.out.write_text(json.dumps(report, indent=1))  # partial results survive a timeout
         warm_ttft = statistics.median(r["ttft_seconds"] for r in warm)
         recompute_ttft = statistics.median(r["ttft_seconds"] for r in recompute)
+        median = {
+            key: statistics.median(b[key] for b in breakdown)
+            for key in ("total_seconds", "wait_seconds", "load_seconds", "compute_seconds")
+        }
         report["results"][method] = {
             "method_params": params,
             **partial,
+            "reuse_breakdown_median": {
+                "fetch_and_load_seconds": median["total_seconds"],
+                "waiting_for_blocks_seconds": median["wait_seconds"],
+                "loading_seconds": median["load_seconds"],
+                "compute_seconds": median["compute_seconds"],
+                "prefix_bytes": breakdown[-1]["bytes"],
+            },
             "ttft_reuse_median_seconds": warm_ttft,
             "ttft_recompute_median_seconds": recompute_ttft,
             "speedup": recompute_ttft / warm_ttft,
@@ -202,6 +265,18 @@ def main() -> int:
     parser.add_argument("--methods", default="kivi")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block-tokens", type=int, default=256)
+    parser.add_argument(
+        "--kvstore-streams",
+        type=int,
+        default=None,
+        help="GetMany connections of the inference server's kvstore client (default: the "
+        "client's own default)",
+    )
+    parser.add_argument(
+        "--kvstore-in-process",
+        action="store_true",
+        help="run the kvstore in this process (as before) instead of as its own process",
+    )
     args = parser.parse_args()
     import torch
 
@@ -232,8 +307,15 @@ def main() -> int:
         backend = f"redis://127.0.0.1:{port}/0"
         report["redis_version"] = version
     report["kvstore_backend"] = backend.split(":")[0]
-    store = KVStoreServer(KVStoreConfig(listen="127.0.0.1:0", backend=backend,
-                                        capacity_bytes=16 << 30))  # fmt: skip
+    report["kvstore_process"] = "in-process" if args.kvstore_in_process else "own process"
+    store_process = None
+    if args.kvstore_in_process:
+        store = KVStoreServer(KVStoreConfig(listen="127.0.0.1:0", backend=backend,
+                                            capacity_bytes=16 << 30))  # fmt: skip
+        store_address = store.address
+    else:
+        store = None
+        store_process, store_address = start_kvstore_process(backend)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         if args.random_llama3_8b:
@@ -243,11 +325,15 @@ def main() -> int:
                 suffix_tokens=args.suffix_tokens,
                 prefill_chunk_tokens=args.prefill_chunk_tokens,
             )
-            shared_prefix(args, loaded, store.address, report)
+            shared_prefix(args, loaded, store_address, report)
         else:
-            repeated_prompt(args, loaded, store.address, report)
+            repeated_prompt(args, loaded, store_address, report)
     finally:
-        store.stop()
+        if store is not None:
+            store.stop()
+        if store_process is not None:
+            store_process.terminate()
+            store_process.wait(timeout=10)
         if redis_process is not None:
             redis_process.terminate()
             redis_process.wait(timeout=10)

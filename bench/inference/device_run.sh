@@ -4,7 +4,9 @@
 # and logs to $OUT. Run from the repository root on the device with carry [".whl", ".redisbin"]:
 #   bash bench/inference/device_run.sh decode:240 long:120 ttft:150
 # Steps: decode (bench_decode.py --sweep --profile), decode-graphs (the same, --no-eager), long (bench_long_context.py),
-# ttft (bench_prefix_ttft.py, random Llama-3-8B shape, Redis). NAME:SECONDS sets the limit.
+# ttft (bench_prefix_ttft.py, random Llama-3-8B shape, Redis), fetch (bench/kvstore/bench_prefix_fetch.py:
+# a stored 32K-token prefix fetched and loaded into a cache on the GPU, no model; streams swept).
+# NAME:SECONDS sets the limit.
 set -u
 R=$PWD
 OUT=${OUT:-/tmp/out}
@@ -31,6 +33,9 @@ for spec in "$@"; do
     ttft) cmd=(python3 "$R/bench/inference/bench_prefix_ttft.py" --random-llama3-8b --redis
                --device cuda --prefix-tokens 32768 --methods kivi --repeats 2
                --out "$OUT/inference_prefix_ttft_h100.json") ;;
+    fetch) cmd=(python3 "$R/bench/kvstore/bench_prefix_fetch.py" --device cuda --streams 1,2,4,8
+                --machine "H100 host (GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
+                --out "$OUT/prefix_fetch_h100.json") ;;
     *) echo "unknown step $name"; continue ;;
   esac
   timeout "$limit" "${cmd[@]}" 2>&1 | tee "$OUT/$name.log" | grep -v "^\s*$" | tail -60
