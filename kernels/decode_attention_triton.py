@@ -37,7 +37,6 @@ from .triton_common import (
     dot_dtype,
     next_power_of_2,
     num_programs_target,
-    score_dot_dtype,
 )
 
 EXACT, KIVI_KEYS, PER_TOKEN_VALUES = 0, 1, 2
@@ -68,12 +67,27 @@ DECODE_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
+def _codes_as(codes, DTYPE: tl.constexpr):
+    """Small non-negative int32 codes as DTYPE. For 16-bit types the code is OR-ed into the bits
+    of 1024.0 (float16) or 128.0 (bfloat16), which are then subtracted: exact for codes below 1024
+    / 128, and two packed instructions per pair of codes instead of an integer-to-float
+    conversion each and a packing instruction (the kernel is bound by instruction issue)."""
+    if DTYPE == tl.float16:
+        return (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    elif DTYPE == tl.bfloat16:
+        return (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 128.0
+    else:
+        return codes.to(DTYPE)
+
+
+@triton.jit
 def _key_tile(
     k0_ptr, k1_ptr, k2_ptr, bh, capacity, t0, tokens, token_mask,
     LAYOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, DTYPE: tl.constexpr,
 ):  # fmt: skip
-    """Keys of `tokens` ([BLOCK_T], starting at t0, a multiple of GROUP) as [BLOCK_T, HEAD_DIM]."""
+    """Keys of `tokens` ([BLOCK_T], starting at t0, a multiple of GROUP) as [BLOCK_T, HEAD_DIM]
+    (KIVI: dequantized in DTYPE)."""
     cols = tl.arange(0, HEAD_DIM)
     if LAYOUT == 0:  # EXACT
         return tl.load(
@@ -89,13 +103,13 @@ def _key_tile(
             mask=token_mask[:, None],
             other=0,
         )
-        codes = unpack_rows(packed, BLOCK_T, NUM_BYTES, BITS).to(tl.float32)
+        codes = _codes_as(unpack_rows(packed, BLOCK_T, NUM_BYTES, BITS), DTYPE)
         GROUPS: tl.constexpr = BLOCK_T // GROUP
         group_rows = t0 // GROUP + tl.arange(0, GROUPS)
         stats = (bh * (capacity // GROUP) + group_rows[:, None]) * HEAD_DIM + cols[None, :]
         group_mask = group_rows[:, None] * GROUP < capacity
-        scale = tl.load(k1_ptr + stats, mask=group_mask, other=0.0).to(tl.float32)
-        zero = tl.load(k2_ptr + stats, mask=group_mask, other=0.0).to(tl.float32)
+        scale = tl.load(k1_ptr + stats, mask=group_mask, other=0.0).to(DTYPE)
+        zero = tl.load(k2_ptr + stats, mask=group_mask, other=0.0).to(DTYPE)
         grouped = tl.reshape(codes, (GROUPS, GROUP, HEAD_DIM))
         keys = grouped * scale[:, None, :] + zero[:, None, :]
         return tl.reshape(keys, (BLOCK_T, HEAD_DIM))
@@ -105,9 +119,9 @@ def _key_tile(
 def _value_tile(
     v0_ptr, v1_ptr, v2_ptr, bh, capacity, tokens, token_mask,
     LAYOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, DTYPE: tl.constexpr,
 ):  # fmt: skip
-    """Values of `tokens` as [BLOCK_T, HEAD_DIM]."""
+    """Values of `tokens` as [BLOCK_T, HEAD_DIM] (PER_TOKEN: dequantized in DTYPE)."""
     cols = tl.arange(0, HEAD_DIM)
     if LAYOUT == 0:  # EXACT
         return tl.load(
@@ -123,12 +137,12 @@ def _value_tile(
             mask=token_mask[:, None],
             other=0,
         )
-        codes = unpack_rows(packed, BLOCK_T, NUM_BYTES, BITS).to(tl.float32)
+        codes = _codes_as(unpack_rows(packed, BLOCK_T, NUM_BYTES, BITS), DTYPE)
         NUM_GROUPS: tl.constexpr = HEAD_DIM // GROUP
         group_cols = tl.arange(0, NUM_GROUPS)
         stats = (bh * capacity + tokens[:, None]) * NUM_GROUPS + group_cols[None, :]
-        scale = tl.load(v1_ptr + stats, mask=token_mask[:, None], other=0.0).to(tl.float32)
-        zero = tl.load(v2_ptr + stats, mask=token_mask[:, None], other=0.0).to(tl.float32)
+        scale = tl.load(v1_ptr + stats, mask=token_mask[:, None], other=0.0).to(DTYPE)
+        zero = tl.load(v2_ptr + stats, mask=token_mask[:, None], other=0.0).to(DTYPE)
         grouped = tl.reshape(codes, (BLOCK_T, NUM_GROUPS, GROUP))
         values = grouped * scale[:, :, None] + zero[:, :, None]
         return tl.reshape(values, (BLOCK_T, HEAD_DIM))
@@ -142,7 +156,7 @@ def _attend_range(
     KEY_BITS: tl.constexpr, KEY_GROUP: tl.constexpr,
     VALUE_BITS: tl.constexpr, VALUE_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
-    SCORE_DTYPE: tl.constexpr, EXACT_DTYPE: tl.constexpr,
+    EXACT_DTYPE: tl.constexpr,
 ):  # fmt: skip
     """Online-softmax update of (m_i, l_i, acc) with tokens [begin, end) (base-2 exponentials)."""
     for t0 in range(begin, end, BLOCK_T):
@@ -150,13 +164,15 @@ def _attend_range(
         token_mask = tokens < end
         k = _key_tile(
             k0_ptr, k1_ptr, k2_ptr, bh, key_capacity, t0, tokens, token_mask,
-            KEY_LAYOUT, HEAD_DIM, KEY_BITS, KEY_GROUP, BLOCK_T,
+            KEY_LAYOUT, HEAD_DIM, KEY_BITS, KEY_GROUP, BLOCK_T, EXACT_DTYPE,
         )  # fmt: skip
         if KEY_LAYOUT == 0:
             # exact keys: q rounded to the cache dtype, as torch.matmul in the reference
             s = tl.dot(q.to(EXACT_DTYPE), tl.trans(k.to(EXACT_DTYPE)))
         else:
-            s = tl.dot(q_unit.to(SCORE_DTYPE), tl.trans(k.to(SCORE_DTYPE))) * q_max[:, None]
+            # keys dequantized in the cache dtype (bfloat16's rounding is far below the 2-4-bit
+            # quantization error; dequantizing in float32 and converting cost 13% more issue)
+            s = tl.dot(q_unit.to(EXACT_DTYPE), tl.trans(k)) * q_max[:, None]
         s = tl.where(token_mask[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -164,7 +180,7 @@ def _attend_range(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _value_tile(
             v0_ptr, v1_ptr, v2_ptr, bh, value_capacity, tokens, token_mask,
-            VALUE_LAYOUT, HEAD_DIM, VALUE_BITS, VALUE_GROUP, BLOCK_T,
+            VALUE_LAYOUT, HEAD_DIM, VALUE_BITS, VALUE_GROUP, BLOCK_T, EXACT_DTYPE,
         )  # fmt: skip
         acc = acc * alpha[:, None] + tl.dot(p.to(EXACT_DTYPE), v.to(EXACT_DTYPE))
         m_i = m_new
@@ -188,7 +204,7 @@ def _decode_split_kernel(
     KEY_BITS: tl.constexpr, KEY_GROUP: tl.constexpr,
     VALUE_BITS: tl.constexpr, VALUE_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SCORE_DTYPE: tl.constexpr, EXACT_DTYPE: tl.constexpr, NEG_BIG: tl.constexpr,
+    EXACT_DTYPE: tl.constexpr, NEG_BIG: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -219,7 +235,7 @@ def _decode_split_kernel(
             q, q_unit, q_max, m_i, l_i, acc, begin, end,
             k0_ptr, k1_ptr, k2_ptr, v0_ptr, v1_ptr, v2_ptr, bh, key_capacity, value_capacity,
             qk_scale, KEY_LAYOUT, VALUE_LAYOUT, KEY_BITS, KEY_GROUP, VALUE_BITS, VALUE_GROUP,
-            HEAD_DIM, BLOCK_T, SCORE_DTYPE, EXACT_DTYPE,
+            HEAD_DIM, BLOCK_T, EXACT_DTYPE,
         )  # fmt: skip
     else:  # the full-precision tail
         tail_len = tl.load(lengths_ptr + 1)
@@ -228,7 +244,7 @@ def _decode_split_kernel(
             key_tail_ptr, key_tail_ptr, key_tail_ptr, value_tail_ptr, value_tail_ptr,
             value_tail_ptr, bh, tail_capacity, tail_capacity,
             qk_scale, 0, 0, KEY_BITS, KEY_GROUP, VALUE_BITS, VALUE_GROUP,
-            HEAD_DIM, BLOCK_T, SCORE_DTYPE, EXACT_DTYPE,
+            HEAD_DIM, BLOCK_T, EXACT_DTYPE,
         )  # fmt: skip
     part = bh * (NUM_SPLITS + 1) + split
     tl.store(part_max_ptr + part * BLOCK_M + rows, m_i)
@@ -324,7 +340,7 @@ def decode_attention(
         KEY_BITS=key_layout.bits, KEY_GROUP=key_layout.group,
         VALUE_BITS=value_layout.bits, VALUE_GROUP=value_layout.group,
         BLOCK_M=block_m, BLOCK_T=block_t, NUM_SPLITS=splits,
-        SCORE_DTYPE=score_dot_dtype(q.dtype), EXACT_DTYPE=dot_dtype(keys.dtype), NEG_BIG=_NEG_BIG,
+        EXACT_DTYPE=dot_dtype(keys.dtype), NEG_BIG=_NEG_BIG,
         **launch,
     )  # fmt: skip
     _decode_combine_kernel[(batch * num_kv_heads, query_group)](

@@ -33,6 +33,16 @@ def pack_rows(codes, ROWS: tl.constexpr, WIDTH: tl.constexpr, BITS: tl.constexpr
 def unpack_rows(packed, ROWS: tl.constexpr, NUM_BYTES: tl.constexpr, BITS: tl.constexpr):
     """bytes [ROWS, NUM_BYTES] (any int dtype) -> int32 codes [ROWS, NUM_BYTES * 8 // BITS]."""
     PER_BYTE: tl.constexpr = 8 // BITS
-    shifts = tl.arange(0, PER_BYTE) * BITS
-    codes = (packed.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    MASK: tl.constexpr = (1 << BITS) - 1
+    words = packed.to(tl.int32)
+    # tl.join keeps the codes of one byte in the thread that loaded it (a broadcast-and-shift
+    # over a new axis lets the compiler spread them over threads and reload bytes one by one)
+    if PER_BYTE == 4:
+        low = tl.join(words & MASK, (words >> 4) & MASK)
+        high = tl.join((words >> 2) & MASK, (words >> 6) & MASK)
+        codes = tl.join(low, high)  # [ROWS, NUM_BYTES, 2, 2]: index (i, j) holds code 2 * i + j
+    elif PER_BYTE == 2:
+        codes = tl.join(words & MASK, (words >> 4) & MASK)
+    else:
+        codes = words
     return tl.reshape(codes, (ROWS, NUM_BYTES * PER_BYTE))
