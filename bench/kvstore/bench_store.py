@@ -173,7 +173,8 @@ def main() -> None:
             "memory": start_kvstore(stack, "--backend", "memory://",
                                     "--capacity-bytes", str(4 << 30)),
         }
-        clients = {b: stack.enter_context(KVStoreClient(a)) for b, a in addresses.items()}
+        clients = {b: stack.enter_context(KVStoreClient(a, streams=1))
+                   for b, a in addresses.items()}
         parallel = {b: stack.enter_context(KVStoreClient(a, streams=PARALLEL_STREAMS))
                     for b, a in addresses.items()}
         for label, size in sizes.items():
