@@ -279,6 +279,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     import torch
+    from kvpack.common.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as `kvpack inference serve` does: blocks are large buffers
 
     if args.random_llama3_8b:
         from bench_decode import LLAMA3_8B, TINY, build_model

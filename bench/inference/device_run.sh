@@ -4,7 +4,8 @@
 # and logs to $OUT. Run from the repository root on the device with carry [".whl", ".redisbin"]:
 #   bash bench/inference/device_run.sh decode:240 long:120 ttft:150
 # Steps: decode (bench_decode.py --sweep --profile), decode-graphs (the same, --no-eager), long (bench_long_context.py),
-# ttft (bench_prefix_ttft.py, random Llama-3-8B shape, Redis), fetch (bench/kvstore/bench_prefix_fetch.py:
+# ttft (bench_prefix_ttft.py, random Llama-3-8B shape, Redis; KVSTORE_STREAMS=N sets the inference
+# server's GetMany connections), fetch (bench/kvstore/bench_prefix_fetch.py:
 # a stored 32K-token prefix fetched and loaded into a cache on the GPU, no model; streams swept).
 # NAME:SECONDS sets the limit.
 set -u
@@ -32,6 +33,7 @@ for spec in "$@"; do
                --out "$OUT/inference_long_context_h100.json") ;;
     ttft) cmd=(python3 "$R/bench/inference/bench_prefix_ttft.py" --random-llama3-8b --redis
                --device cuda --prefix-tokens 32768 --methods kivi --repeats 2
+               ${KVSTORE_STREAMS:+--kvstore-streams "$KVSTORE_STREAMS"}
                --out "$OUT/inference_prefix_ttft_h100.json") ;;
     fetch) cmd=(python3 "$R/bench/kvstore/bench_prefix_fetch.py" --device cuda --streams 1,2,4,8
                 --machine "H100 host (GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
