@@ -64,6 +64,9 @@ DECODE_BLOCK_T = 64
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 2
 DECODE_PROGRAMS_PER_SM = 4
+# Register cap per thread (None: the compiler's choice, 128 at 64 / 4 / 2): fewer registers let
+# more programs share a multiprocessor, which hides more of the loop's load and dot latency.
+DECODE_MAX_REGISTERS = None
 
 
 @triton.jit
@@ -329,6 +332,8 @@ def decode_attention(
     out = torch.empty_like(q)
     interpreted = q.device.type != "cuda"
     launch = {} if interpreted else {"num_warps": DECODE_NUM_WARPS, "num_stages": DECODE_NUM_STAGES}
+    if DECODE_MAX_REGISTERS and not interpreted:
+        launch["maxnreg"] = DECODE_MAX_REGISTERS
     _decode_split_kernel[(parts, batch * num_kv_heads)](
         q, lengths, *_fields(key_layout, keys.fields), *_fields(value_layout, values.fields),
         keys.tail, values.tail, part_max, part_sum, part_acc,

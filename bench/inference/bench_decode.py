@@ -365,14 +365,12 @@ def sweep_decode_kernel(runner, codecs_by_method: dict, context: int) -> dict:
     """Time the fused decode kernel's launch settings at `context`; keep the fastest for kivi."""
     from kvpack.kernels import decode_attention_triton as dat
 
-    # (block_t, warps, stages, programs per SM)
+    # (block_t, warps, stages, programs per SM, register cap or 0); the first run of the
+    # rewritten kernel (inference_decode_h100.json of 2026-12-07) put 64 / 4 / 2 first, with
+    # 32-token tiles and 8 warps well behind: the sweep now spends its time around that setting.
     candidates = [
-        (block_t, warps, 2, per_sm)
-        for block_t in (32, 64, 128)
-        for warps in (4, 8)
-        for per_sm in (4, 8)
-        if not (block_t == 128 and warps == 4)
-    ] + [(64, 4, 1, 4), (64, 4, 3, 4), (64, 8, 3, 8), (64, 4, 2, 16)]
+        (64, 4, 2, per_sm, regs) for per_sm in (4, 5, 6, 8) for regs in (0, 96, 80)
+    ] + [(64, 4, 3, 4, 0), (64, 4, 3, 6, 80), (128, 8, 2, 4, 0), (128, 8, 2, 6, 80)]
     results = {}
     for method, codecs in codecs_by_method.items():
         codec = codecs[0]
@@ -397,7 +395,7 @@ def sweep_decode_kernel(runner, codecs_by_method: dict, context: int) -> dict:
         timings = {}
         for candidate in candidates:
             set_launch(dat, *candidate)
-            name = "t{}_w{}_s{}_p{}".format(*candidate)
+            name = "t{}_w{}_s{}_p{}_r{}".format(*candidate)
             try:
                 out = codec.decode_attention(q, keys, values, lengths, runner.scaling)
                 error = ((out.float() - reference).norm() / reference.norm()).item()
@@ -433,15 +431,17 @@ def sweep_decode_kernel(runner, codecs_by_method: dict, context: int) -> dict:
         "num_warps": dat.DECODE_NUM_WARPS,
         "num_stages": dat.DECODE_NUM_STAGES,
         "programs_per_sm": dat.DECODE_PROGRAMS_PER_SM,
+        "max_registers": dat.DECODE_MAX_REGISTERS,
     }
     return results
 
 
-def set_launch(dat, block_t: int, warps: int, stages: int, per_sm: int) -> None:
+def set_launch(dat, block_t: int, warps: int, stages: int, per_sm: int, regs: int = 0) -> None:
     """Set the fused decode kernel's launch settings (module constants of
-    kvpack.kernels.decode_attention_triton)."""
+    kvpack.kernels.decode_attention_triton; regs 0 = no register cap)."""
     dat.DECODE_BLOCK_T, dat.DECODE_NUM_WARPS = block_t, warps
     dat.DECODE_NUM_STAGES, dat.DECODE_PROGRAMS_PER_SM = stages, per_sm
+    dat.DECODE_MAX_REGISTERS = regs or None
 
 
 def cuda_time(call, repeats: int = 50) -> float:
