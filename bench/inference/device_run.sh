@@ -5,7 +5,7 @@
 #   bash bench/inference/device_run.sh decode:240 long:120 ttft:150
 # Steps: decode (bench_decode.py --sweep --profile), decode-graphs (the same, --no-eager), long (bench_long_context.py),
 # ttft (bench_prefix_ttft.py, random Llama-3-8B shape, Redis; KVSTORE_STREAMS=N sets the inference
-# server's GetMany connections), fetch (bench/kvstore/bench_prefix_fetch.py:
+# server's GetMany connections, else the fastest of an earlier fetch step, else the default), fetch (bench/kvstore/bench_prefix_fetch.py:
 # a stored 32K-token prefix fetched and loaded into a cache on the GPU, no model; streams swept).
 # NAME:SECONDS sets the limit.
 set -u
@@ -31,7 +31,13 @@ for spec in "$@"; do
                        --out "$OUT/inference_decode_h100.json") ;;
     long) cmd=(python3 "$R/bench/inference/bench_long_context.py"
                --out "$OUT/inference_long_context_h100.json") ;;
-    ttft) cmd=(python3 "$R/bench/inference/bench_prefix_ttft.py" --random-llama3-8b --redis
+    ttft) if [ -z "${KVSTORE_STREAMS:-}" ] && [ -f "$OUT/prefix_fetch_h100.json" ]; then
+            # the stream count that loaded the prefix fastest in this call's fetch step
+            KVSTORE_STREAMS=$(python3 -c 'import json, sys
+r = json.load(open(sys.argv[1]))["results"]
+print(min((v["total_seconds"], k.split()[-1]) for k, v in r.items() if k.startswith("load_prefix"))[1])' "$OUT/prefix_fetch_h100.json") && echo "ttft: $KVSTORE_STREAMS kvstore streams (fastest in the fetch step)"
+          fi
+          cmd=(python3 "$R/bench/inference/bench_prefix_ttft.py" --random-llama3-8b --redis
                --device cuda --prefix-tokens 32768 --methods kivi --repeats 2
                ${KVSTORE_STREAMS:+--kvstore-streams "$KVSTORE_STREAMS"}
                --out "$OUT/inference_prefix_ttft_h100.json") ;;

@@ -42,9 +42,10 @@ from kvpack.proto import kvstore_pb2
 T = TypeVar("T")
 _UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # GetMany connections a client spreads a prefix over by default (see iter_many). More streams
-# receive more in parallel (in gRPC's core) but their Python work competes for the GIL with
-# whoever consumes the blocks: on a 2-core VM, loading a prefix was fastest with 1 stream, 2 close.
-DEFAULT_STREAMS = 2
+# receive more in parallel (in gRPC's core), but gRPC's Python-side receive copies hold the GIL and
+# compete with whoever consumes the blocks: loading an 800 MB prefix on the 2-core VM took 2.1 s
+# with 1 stream, 2.3-2.7 s with 2, 2.3-2.7 s with 4 (bench/kvstore/bench_prefix_fetch.py).
+DEFAULT_STREAMS = 1
 
 
 class StoreError(Exception):
