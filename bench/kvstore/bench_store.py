@@ -13,7 +13,9 @@ This process (the client of both redis-py and the service) reuses freed memory t
 does (kvpack.common.allocator); `--default-allocator` measures both clients with glibc's defaults.
 The target compares with redis-py as installed (hiredis packs commands); the service sends values
 with redis-py's Python packer (kvpack.kvstore.backends.redis), so raw SET is also timed that way
-("raw SET, service's packer") to show how much of Put's ratio that choice accounts for.
+("raw SET, service's packer") to show how much of Put's ratio that choice accounts for. Likewise
+the service reads a record with its own raw GET (RedisBackend.get_with_room, no reply parser), so
+raw GET is also timed that way ("raw GET, service's reader").
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import redis
 from kvpack.common import record
 from kvpack.common.allocator import keep_freed_memory
 from kvpack.common.hashing import block_hashes
-from kvpack.kvstore.backends.redis import ValueSendingConnection
+from kvpack.kvstore.backends.redis import RedisBackend, ValueSendingConnection
 from kvpack.kvstore.client import KVStoreClient, StoreError
 
 PARALLEL_STREAMS = 4
@@ -101,7 +103,8 @@ def mb_per_s(size_bytes: int, seconds: list[float]) -> float:
     return size_bytes / statistics.median(seconds) / 1e6
 
 
-def measure_size(raw: redis.Redis, raw_like_service: redis.Redis, clients: dict[str, KVStoreClient],
+def measure_size(raw: redis.Redis, raw_like_service: redis.Redis, reader: RedisBackend,
+                 clients: dict[str, KVStoreClient],
                  parallel: dict[str, KVStoreClient], label: str, size: int, repeats: int) -> dict:
     data = record.encode(record.RecordHeader.for_namespace("bench"), os.urandom(size - 200))
     hashes = block_hashes(list(range(repeats)), 1)
@@ -110,7 +113,8 @@ def measure_size(raw: redis.Redis, raw_like_service: redis.Redis, clients: dict[
 
     puts = {"raw_redis_set": lambda i: raw.set(raw_keys[i], data),
             "raw_redis_set_service_packer": lambda i: raw_like_service.set(raw_keys[i], data)}
-    gets = {"raw_redis_get": lambda i: raw.get(raw_keys[i])}
+    gets = {"raw_redis_get": lambda i: raw.get(raw_keys[i]),
+            "raw_redis_get_service_reader": lambda i: reader.get_with_room(raw_keys[i], 32)}
     for backend, client in clients.items():
         puts[f"service_{backend}_put"] = lambda i, c=client: c.put("bench", hashes[i], data)
         gets[f"service_{backend}_get"] = lambda i, c=client: _check(c.get("bench", hashes[i]))
@@ -135,6 +139,8 @@ def measure_size(raw: redis.Redis, raw_like_service: redis.Redis, clients: dict[
     row["put_vs_raw_service_packer"] = (row["service_redis_put_mb_s"]
                                         / row["raw_redis_set_service_packer_mb_s"])
     row["get_vs_raw"] = row["service_redis_get_mb_s"] / row["raw_redis_get_mb_s"]
+    row["get_vs_raw_service_reader"] = (row["service_redis_get_mb_s"]
+                                        / row["raw_redis_get_service_reader_mb_s"])
     row["get_many_vs_raw"] = row["service_redis_get_many_mb_s"] / row["raw_redis_get_mb_s"]
     row["get_many_parallel_vs_raw"] = (row["service_redis_get_many_parallel_mb_s"]
                                        / row["raw_redis_get_mb_s"])
@@ -168,6 +174,8 @@ def main() -> None:
         redis_port = raw.connection_pool.connection_kwargs["port"]
         raw_like_service = redis.Redis(connection_pool=redis.ConnectionPool(
             port=redis_port, connection_class=ValueSendingConnection))
+        reader = RedisBackend(f"redis://127.0.0.1:{redis_port}/0")
+        stack.callback(reader.close)
         addresses = {
             "redis": start_kvstore(stack, "--backend", f"redis://127.0.0.1:{redis_port}/0"),
             "memory": start_kvstore(stack, "--backend", "memory://",
@@ -178,7 +186,7 @@ def main() -> None:
         parallel = {b: stack.enter_context(KVStoreClient(a, streams=PARALLEL_STREAMS))
                     for b, a in addresses.items()}
         for label, size in sizes.items():
-            rows.append(measure_size(raw, raw_like_service, clients, parallel, label, size,
+            rows.append(measure_size(raw, raw_like_service, reader, clients, parallel, label, size,
                                      args.repeats))
             print(json.dumps(rows[-1]), flush=True)
         redis_version = raw.info("server")["redis_version"]
@@ -210,10 +218,10 @@ def markdown_table(result: dict) -> str:
         "sequential ops, MB/s.",
         "",
         "| block | raw SET | service Put (redis) | Put / raw | raw SET, service's packer | Put / that "
-        "| raw GET | service Get (redis) | Get / raw "
+        "| raw GET | service Get (redis) | Get / raw | raw GET, service's reader | Get / that "
         f"| GetMany (redis) | GetMany / raw | GetMany ×{PARALLEL_STREAMS} streams (redis) | "
         f"×{PARALLEL_STREAMS} / raw | Put (memory) | Get (memory) | GetMany (memory) |",
-        "| --- |" + " ---: |" * 15,
+        "| --- |" + " ---: |" * 17,
     ]
     for r in result["rows"]:
         lines.append(
@@ -221,11 +229,18 @@ def markdown_table(result: dict) -> str:
             f"{r['put_vs_raw']:.2f}× | {r['raw_redis_set_service_packer_mb_s']:.0f} | "
             f"{r['put_vs_raw_service_packer']:.2f}× | "
             f"{r['raw_redis_get_mb_s']:.0f} | {r['service_redis_get_mb_s']:.0f} | "
-            f"{r['get_vs_raw']:.2f}× | {r['service_redis_get_many_mb_s']:.0f} | "
+            f"{r['get_vs_raw']:.2f}× | {_cell(r, 'raw_redis_get_service_reader_mb_s', '.0f')} | "
+            f"{_cell(r, 'get_vs_raw_service_reader', '.2f', '×')} | "
+            f"{r['service_redis_get_many_mb_s']:.0f} | "
             f"{r['get_many_vs_raw']:.2f}× | {r['service_redis_get_many_parallel_mb_s']:.0f} | "
             f"{r['get_many_parallel_vs_raw']:.2f}× | {r['service_memory_put_mb_s']:.0f} | "
             f"{r['service_memory_get_mb_s']:.0f} | {r['service_memory_get_many_mb_s']:.0f} |")
     return "\n".join(lines)
+
+
+def _cell(row: dict, key: str, spec: str, suffix: str = "") -> str:
+    """A table cell; results of earlier versions of this script lack some keys."""
+    return f"{row[key]:{spec}}{suffix}" if key in row else ""
 
 
 if __name__ == "__main__":
