@@ -21,7 +21,8 @@ rest of the TTFT (the suffix's prefill and the first token: `compute_seconds`).
 
 The kvstore runs as its own process (`kvpack kvstore serve`), as deployed: in this process it
 would share the GIL with the inference server that receives and loads the blocks.
-`--kvstore-streams N` sets the GetMany connections the inference server's client fetches over.
+`--kvstore-streams N` sets the GetMany connections the inference server's client fetches over,
+`--load-threads L` the threads its prefix store loads the blocks with.
 """
 
 from __future__ import annotations
@@ -133,10 +134,18 @@ def wait_for_puts(server: InferenceServer, target: float, timeout: float = 600.0
 
 
 def start_server(
-    loaded, store_address, method, params, block_tokens, prefill_chunk_tokens, streams=None
+    loaded,
+    store_address,
+    method,
+    params,
+    block_tokens,
+    prefill_chunk_tokens,
+    streams=None,
+    load_threads=None,
 ):
     """An in-process inference server on a free port for one method, and a stub to call it.
-    `streams`: GetMany connections of its kvstore client (None: the client's default)."""
+    `streams`: GetMany connections of its kvstore client, `load_threads`: its prefix store's
+    (None: the defaults)."""
     server = InferenceServer(
         InferenceConfig(
             listen="127.0.0.1:0",
@@ -154,6 +163,8 @@ def start_server(
         server.prefix_store.client = KVStoreClient(
             store_address, timeout_seconds=1.0, retries=1, streams=streams
         )
+    if load_threads is not None and server.prefix_store is not None:
+        server.prefix_store.load_threads = load_threads
     return server, inference_pb2_grpc.InferenceStub(grpc.insecure_channel(server.address))
 
 
@@ -175,6 +186,7 @@ def shared_prefix(args, loaded, store_address: str, report: dict) -> None:
             args.block_tokens,
             args.prefill_chunk_tokens,
             args.kvstore_streams,
+            args.load_threads,
         )
         before = put_blocks(server)
         cold = generate(stub, prefix + suffixes[0], True, method, params)
@@ -187,6 +199,7 @@ def shared_prefix(args, loaded, store_address: str, report: dict) -> None:
             "cold_request_a": cold,
             "seconds_until_prefix_stored": put_seconds,
             "kvstore_streams": len(server.prefix_store.client._stubs),
+            "load_threads": server.prefix_store.load_threads,
             "reuse_request_b": warm,
             "reuse_breakdown": breakdown,
             "recompute_request_c": recompute,
@@ -271,6 +284,12 @@ def main() -> int:
         default=None,
         help="GetMany connections of the inference server's kvstore client (default: the "
         "client's own default)",
+    )
+    parser.add_argument(
+        "--load-threads",
+        type=int,
+        default=None,
+        help="threads the prefix store loads a block's layers with (default: its own default)",
     )
     parser.add_argument(
         "--kvstore-in-process",

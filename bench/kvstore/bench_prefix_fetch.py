@@ -14,8 +14,9 @@ blocks through the service, and then times, interleaved round by round:
   block in turn, every record verified by the service, the client and the prefix store, copied
   into per-layer bytes, then all blocks loaded into the cache.
 - `fetch N`: `KVStoreClient.iter_many` over N streams, blocks only (verified, no load).
-- `load_prefix N`: `PrefixStore.load_prefix` with an N-stream client: the new path, each block
-  loaded into the cache (`--device`) as soon as it arrived.
+- `load_prefix N×L`: `PrefixStore.load_prefix` with an N-stream client and L load threads (each
+  loading its share of the layers): the new path, each block loaded into the cache (`--device`)
+  as soon as it arrived.
 
 The cache's contents are checked against the blocks after every load. Every layer gets the same
 packed data (encoding 32 layers of random K/V on a CPU would take minutes); sizes, record layout
@@ -167,6 +168,9 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=128)
     parser.add_argument("--block-tokens", type=int, default=256)
     parser.add_argument("--streams", default="1,2,4,8", help="comma-separated stream counts")
+    parser.add_argument(
+        "--load-threads", default="1", help="comma-separated load thread counts (load_prefix)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="where the cache lives (cpu, cuda)")
     parser.add_argument("--machine", default=None)
@@ -174,6 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()  # as `kvpack inference serve` does
     streams = [int(n) for n in args.streams.split(",")]
+    load_threads = [int(n) for n in args.load_threads.split(",")]
     codecs = build_layer_codecs(METHOD, num_layers=SHAPE["num_layers"], head_dim=SHAPE["head_dim"])
     layout = make_layout(codecs[0], args.block_tokens)
     namespace = namespace_of(layout.model_id, codecs[0], "bench")
@@ -224,15 +229,18 @@ def main() -> None:
             del cache
             for n in streams:
                 runs.setdefault(f"fetch {n}", []).append(fetch_only(readers[n], hashes, namespace))
-                cache = new_cache(codecs, capacity, args.device)
-                timed, cache = new_read_path(
-                    stores[n], token_ids, namespace, layout, cache, codecs, capacity, args.device
-                )
-                if timed["blocks"] != args.blocks:
-                    raise RuntimeError(f"load_prefix loaded {timed['blocks']} blocks")
-                check_loaded(cache, records, namespace, layout, prefix)
-                runs.setdefault(f"load_prefix {n}", []).append(timed)
-                del cache
+                for threads in load_threads:
+                    stores[n].load_threads = threads
+                    cache = new_cache(codecs, capacity, args.device)
+                    timed, cache = new_read_path(
+                        stores[n], token_ids, namespace, layout, cache, codecs, capacity,
+                        args.device,
+                    )  # fmt: skip
+                    if timed["blocks"] != args.blocks:
+                        raise RuntimeError(f"load_prefix loaded {timed['blocks']} blocks")
+                    check_loaded(cache, records, namespace, layout, prefix)
+                    runs.setdefault(f"load_prefix {n}x{threads}", []).append(timed)
+                    del cache
             print(
                 f"round {round_}: "
                 + ", ".join(f"{name} {r[-1]['total_seconds']:.2f} s" for name, r in runs.items()),

@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,47 @@ class BlockLayout:
 _END = object()
 
 
+def _shares(count: int, parts: int) -> list[int]:
+    """Bounds [0, b1, ..., count] of `parts` contiguous near-equal shares of `count` items."""
+    parts = max(1, min(parts, count))
+    return [count * i // parts for i in range(parts + 1)]
+
+
+class _LayerLoader:
+    """Loads every block it is given into its layers, on a pool thread, in order; stops loading
+    (and only drains its queue) at the first block the codec refuses."""
+
+    def __init__(self, pool: ThreadPoolExecutor | None, layers: list[LayerCache], first: int):
+        self.layers = layers
+        self.first = first  # index of layers[0] in the block's parts
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: Exception | None = None
+        self.loaded = 0
+        self._done = pool.submit(self._run)
+
+    def _run(self) -> None:
+        while (parts := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                for layer, (key_bytes, value_bytes) in zip(
+                    self.layers, parts[self.first :], strict=False
+                ):
+                    layer.load_block(key_bytes, value_bytes)
+                self.loaded += 1
+            except Exception as error:  # noqa: BLE001 - reported by finish()
+                self.error = error
+
+    def finish(self) -> int:
+        """Wait for the blocks given so far; the number it loaded. A refusal (ValueError,
+        RuntimeError) is left in `error`; anything else is raised here."""
+        self.queue.put(None)
+        self._done.result()
+        if self.error is not None and not isinstance(self.error, (ValueError, RuntimeError)):
+            raise self.error
+        return self.loaded
+
+
 @dataclass
 class LoadStats:
     """What one load_prefix did: blocks and record bytes loaded; seconds spent waiting for blocks
@@ -81,10 +123,19 @@ class PrefixStore:
         block_tokens: int,
         metrics: InferenceMetrics,
         max_pending_puts: int = 256,
+        load_threads: int = 1,
     ) -> None:
+        """`load_threads`: threads that load a fetched block into the cache, each for its share
+        of the layers (more than one lets one thread's host-to-device copies, which release the
+        GIL, overlap another's Python work)."""
         if block_tokens <= 0:
             raise ValueError(f"block_tokens must be positive, got {block_tokens}")
+        if load_threads < 1:
+            raise ValueError(f"load_threads must be at least 1, got {load_threads}")
         self.client = client
+        self.load_threads = load_threads  # may be changed later; the pool follows
+        self._load_pool: ThreadPoolExecutor | None = None
+        self._load_pool_lock = threading.Lock()
         self.block_tokens = block_tokens
         self.metrics = metrics
         self.last_load = LoadStats()
@@ -161,8 +212,17 @@ class PrefixStore:
         if not hashes:
             return 0
         blocks = self.client.iter_many(namespace, hashes, copy=False)
+        # layers [0, first) load here, the others on the helpers (load_threads > 1)
+        bounds = _shares(len(cache.layers), self.load_threads)
+        pool = self._helpers_pool(len(bounds) - 2)
+        helpers = [
+            _LayerLoader(pool, cache.layers[start:end], start)
+            for start, end in zip(bounds[1:-1], bounds[2:], strict=True)
+        ]
+        own = cache.layers[: bounds[1]]
+        loaded, refused = 0, None
         try:
-            while True:
+            while not any(helper.error for helper in helpers):
                 waited = time.perf_counter()
                 try:
                     data = next(blocks, _END)
@@ -181,20 +241,42 @@ class PrefixStore:
                     parts = self._split_block(data, namespace, layout)
                 except (record.RecordError, ValueError, KeyError, TypeError) as error:
                     self.count_fallback("corrupt", error)
+                    stats.load_seconds += time.perf_counter() - loading
                     break
+                for helper in helpers:
+                    helper.queue.put(parts)
                 try:
-                    for layer, (key_bytes, value_bytes) in zip(cache.layers, parts, strict=True):
+                    for layer, (key_bytes, value_bytes) in zip(own, parts, strict=False):
                         layer.load_block(key_bytes, value_bytes)
                 except (ValueError, RuntimeError) as error:
-                    self.count_fallback("corrupt", error)
-                    return None
+                    refused = error
+                    break
                 finally:
                     stats.load_seconds += time.perf_counter() - loading
-                stats.blocks += 1
+                loaded += 1
                 stats.bytes += len(data)
         finally:
             blocks.close()  # cancels the streams of blocks we no longer want
+            finishing = time.perf_counter()
+            counts = [helper.finish() for helper in helpers]
+            stats.load_seconds += time.perf_counter() - finishing
+        errors = [refused] + [helper.error for helper in helpers]
+        stats.blocks = min([loaded, *counts])
+        if any(errors):
+            self.count_fallback("corrupt", next(error for error in errors if error))
+            return None
         return stats.blocks
+
+    def _helpers_pool(self, helpers: int) -> ThreadPoolExecutor | None:
+        """A pool with at least `helpers` threads (None for none)."""
+        if helpers == 0:
+            return None
+        with self._load_pool_lock:
+            if self._load_pool is None or self._load_pool._max_workers < helpers:
+                if self._load_pool is not None:
+                    self._load_pool.shutdown(wait=False)
+                self._load_pool = ThreadPoolExecutor(helpers, thread_name_prefix="prefix-load")
+            return self._load_pool
 
     def _split_block(
         self, data: bytes | memoryview, namespace: str, layout: BlockLayout
@@ -308,6 +390,8 @@ class PrefixStore:
         return record.encode(header, payload)
 
     def close(self) -> None:
+        if self._load_pool is not None:
+            self._load_pool.shutdown(wait=True)
         self._puts.put(None)
         self._writer.join(timeout=5)
         self.client.close()

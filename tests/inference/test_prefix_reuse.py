@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from kvpack.common import record
 from kvpack.common.hashing import block_hashes
 from kvpack.kvstore.client import KVStoreClient
@@ -196,15 +197,18 @@ def _reference_and_stored(stories, server, stub, max_new_tokens=12):
     return reference, namespace, block_hashes(prompt_ids, BLOCK_TOKENS)
 
 
+@pytest.mark.parametrize("load_threads", [1, 3])
 def test_a_long_prefix_arrives_over_parallel_streams_and_is_described(
-    stories, redis_server, kvstore_factory, inference_factory, connect
+    stories, redis_server, kvstore_factory, inference_factory, connect, load_threads
 ):
     """Many blocks through a Redis-backed store: loaded in order while later ones are in flight
-    (3 GetMany streams), the same text, and the load's breakdown recorded."""
+    (3 GetMany streams; the layers shared among `load_threads` threads), the same text, and the
+    load's breakdown recorded."""
     store = kvstore_factory(backend=redis_server.url)
     server = inference_factory(stories, kvstore=store.address, block_tokens=BLOCK_TOKENS)
     server.prefix_store.client.close()
     server.prefix_store.client = KVStoreClient(store.address, streams=3)
+    server.prefix_store.load_threads = load_threads
     stub = connect(server.address)
     reference, _, hashes = _reference_and_stored(stories, server, stub)
     again = generate(stub, prompt=LONG_STORY, max_new_tokens=12)
@@ -239,12 +243,15 @@ def test_a_corrupt_block_in_the_middle_keeps_the_blocks_before_it(
         assert client.stats()["corrupt_blocks"] == 1
 
 
+@pytest.mark.parametrize("load_threads", [1, 3])
 def test_a_block_refused_halfway_is_rebuilt_from_the_blocks_before_it(
-    stories, kvstore, inference_factory, connect
+    stories, kvstore, inference_factory, connect, load_threads
 ):
     """A record that passes every check but whose third layer the codec refuses: the layers
-    before it already took the block, so the cache is rebuilt from the good blocks."""
+    before it already took the block, so the cache is rebuilt from the good blocks. With 3 load
+    threads over stories260K's 5 layers the third is a helper's (layers 1-2)."""
     server = inference_factory(stories, kvstore=kvstore.address, block_tokens=BLOCK_TOKENS)
+    server.prefix_store.load_threads = load_threads
     stub = connect(server.address)
     reference, namespace, hashes = _reference_and_stored(stories, server, stub)
     with KVStoreClient(kvstore.address) as client:
