@@ -40,9 +40,9 @@ class KVStoreServer:
         self.backend = open_backend(
             config.backend, capacity_bytes=config.capacity_bytes, ttl_seconds=config.ttl_seconds)
         self.metrics = KVStoreMetrics(self.backend)
-        servicer = KVStoreServicer(self.backend, self.metrics,
-                                   max_record_bytes=config.max_record_bytes,
-                                   chunk_bytes=config.chunk_bytes)
+        self.servicer = servicer = KVStoreServicer(
+            self.backend, self.metrics, max_record_bytes=config.max_record_bytes,
+            chunk_bytes=config.chunk_bytes)
         self.grpc = GrpcServer(
             config.listen,
             [(add_to_server, servicer, SERVICE_NAME)],
@@ -83,6 +83,7 @@ class KVStoreServer:
     def stop(self, grace_seconds: float = 2.0) -> None:
         self._stopping.set()
         self.grpc.stop(grace_seconds)
+        self.servicer.close()
         if self.metrics_endpoint:
             self.metrics_endpoint.close()
         self.backend.close()

@@ -53,6 +53,10 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         self.chunk_bytes = chunk_bytes
         self._loader = ThreadPoolExecutor(LOADER_THREADS, thread_name_prefix="kvstore-load")
 
+    def close(self) -> None:
+        """Stop the loader threads (reads already running finish)."""
+        self._loader.shutdown(wait=False)
+
     @contextmanager
     def _request(self, op: str, context: grpc.ServicerContext):
         """Times the request, counts its outcome, and turns _Abort/backend failures into statuses."""
