@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from kvpack.inference.decode_graph import DecodeGraphs
 from kvpack.inference.kv_cache import SequenceCache
+from kvpack.kernels.model_ops_triton import rms_norm, rotary, silu_mul
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 # attend(layer_index, q_rotated, k_pre_rope, k_rotated, v) -> attended [N, H_q, T, D]
@@ -48,6 +49,11 @@ class ModelRunner:
         self._fused = (
             [_fuse_layer(layer) for layer in self.layers] if self.device.type == "cuda" else None
         )
+        # On a GPU, RMSNorm (+ the residual add before it), rotary embedding and SiLU-and-multiply
+        # run as one Triton kernel each (kernels/model_ops_triton.py) instead of HF's ~700 small
+        # kernels per decode step; elsewhere (and for norms or activations of another kind) the
+        # model's own modules run, which keeps CPU outputs identical to HF's.
+        self._fast_ops = self.device.type == "cuda" and _standard_llama_ops(model)
 
     @torch.inference_mode()
     def prefill(
@@ -114,7 +120,12 @@ class ModelRunner:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Decode hidden states [N, 1, hidden] -> float32 logits [N, V]."""
-        return self.model.lm_head(self.model.model.norm(hidden))[:, 0].float()
+        return self.model.lm_head(self._norm(self.model.model.norm, hidden))[:, 0].float()
+
+    def _norm(self, norm, hidden: torch.Tensor) -> torch.Tensor:
+        if self._fast_ops:
+            return rms_norm(hidden, norm.weight, _epsilon(norm))[0]
+        return norm(hidden)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Attend):
         """The decoder stack on token_ids [N, T] at positions [N, T] -> hidden [N, T, hidden]."""
@@ -127,7 +138,7 @@ class ModelRunner:
     def _layer(self, layer, layer_index, hidden, cos, sin, attend: Attend):
         # hidden: [N, T, hidden]; N sequences (N > 1 only in decode, where T == 1)
         residual = hidden
-        hidden = layer.input_layernorm(hidden)
+        hidden = self._norm(layer.input_layernorm, hidden)
         attention = layer.self_attn
         batch, length, _ = hidden.shape
         fused = self._fused[layer_index] if self._fused is not None else None
@@ -140,19 +151,51 @@ class ModelRunner:
         q = q.view(batch, length, -1, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, -1, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, -1, self.head_dim).transpose(1, 2)
-        q_rotated, k_rotated = apply_rotary_pos_emb(q, k, cos, sin)
+        if self._fast_ops:
+            q_rotated, k_rotated = rotary(q, k, cos, sin)
+        else:
+            q_rotated, k_rotated = apply_rotary_pos_emb(q, k, cos, sin)
         attended = attend(layer_index, q_rotated, k, k_rotated, v)
         attended = attended.transpose(1, 2).reshape(batch, length, -1)
-        hidden = residual + attention.o_proj(attended)
-        residual = hidden
-        hidden = layer.post_attention_layernorm(hidden)
+        if self._fast_ops:
+            norm = layer.post_attention_layernorm
+            hidden, residual = rms_norm(
+                attention.o_proj(attended), norm.weight, _epsilon(norm), residual=residual
+            )
+        else:
+            hidden = residual + attention.o_proj(attended)
+            residual = hidden
+            hidden = layer.post_attention_layernorm(hidden)
         mlp = layer.mlp
         if fused is not None and fused.gate_up is not None:
             gate, up = torch.nn.functional.linear(hidden, fused.gate_up).chunk(2, dim=-1)
-            hidden = mlp.down_proj(mlp.act_fn(gate) * up)
+            activated = silu_mul(gate, up) if self._fast_ops else mlp.act_fn(gate) * up
+            hidden = mlp.down_proj(activated)
         else:
             hidden = mlp(hidden)
         return residual + hidden
+
+
+_STANDARD_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
+
+
+def _epsilon(norm) -> float:
+    return norm.variance_epsilon
+
+
+def _standard_llama_ops(model) -> bool:
+    """Whether every norm is a plain RMSNorm (weight * x / rms(x)) and the MLP activation SiLU:
+    what kernels/model_ops_triton.py computes. Anything else keeps the model's own modules."""
+    config = model.config
+    norms = [model.model.norm] + [
+        norm
+        for layer in model.model.layers
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm)
+    ]
+    return getattr(config, "hidden_act", None) in ("silu", "swish") and all(
+        type(norm).__name__ in _STANDARD_NORMS and hasattr(norm, "variance_epsilon")
+        for norm in norms
+    )
 
 
 def append_and_attend(layer_cache, q, k, k_rotated, v, positions, scaling, num_new_tokens):
