@@ -84,7 +84,8 @@ class RedisBackend(Backend):
         # after its handshake (AUTH/SELECT/HELLO, health-check PINGs), so nothing is ever buffered
         # between the socket and us.
         self._raw_pool = None if self.cluster else redis.ConnectionPool.from_url(
-            url, max_connections=_MAX_CONNECTIONS, **common)
+            url, max_connections=_MAX_CONNECTIONS,
+            **{**common, "socket_read_size": 64 << 10})  # the parser reads handshakes only
         self._usage_lock = threading.Lock()
         self._usage: tuple[float, Usage] | None = None
 
