@@ -61,7 +61,7 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * width + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # rounded to the model dtype, as the residual stream is kept in it
-        x = (x.to(tl.float32) + tl.load(residual_ptr + row * width + cols, mask=mask, other=0.0))
+        x = x.to(tl.float32) + tl.load(residual_ptr + row * width + cols, mask=mask, other=0.0)
         x = x.to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * width + cols, x, mask=mask)
     xf = x.to(tl.float32)
