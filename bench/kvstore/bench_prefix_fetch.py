@@ -174,6 +174,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="where the cache lives (cpu, cuda)")
     parser.add_argument("--machine", default=None)
+    parser.add_argument(
+        "--kvstore-pythonpath",
+        default=None,
+        help="run the kvstore from the kvpack installed there (before/after comparisons: e.g. "
+        "`pip install --no-deps --target DIR` of an older commit)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     keep_freed_memory()  # as `kvpack inference serve` does
@@ -192,12 +198,17 @@ def main() -> None:
         "blocks": args.blocks,
         "block_tokens": args.block_tokens,
         "repeats": args.repeats,
+        "kvstore": f"kvpack from {args.kvstore_pythonpath}"
+        if args.kvstore_pythonpath
+        else "this tree",
     }
     with ExitStack() as stack:
         raw = stack.enter_context(ExitStack())
         redis_client = start_redis(raw)
         port = redis_client.connection_pool.connection_kwargs["port"]
-        address = start_kvstore(stack, "--backend", f"redis://127.0.0.1:{port}/0")
+        address = start_kvstore(
+            stack, "--backend", f"redis://127.0.0.1:{port}/0", pythonpath=args.kvstore_pythonpath
+        )
         metrics = InferenceMetrics()
         writer = KVStoreClient(address, streams=1)
         prefix = PrefixStore(writer, block_tokens=args.block_tokens, metrics=metrics)

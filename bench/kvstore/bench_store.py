@@ -68,12 +68,16 @@ def start_redis(stack: ExitStack) -> redis.Redis:
     raise RuntimeError("redis-server did not start")
 
 
-def start_kvstore(stack: ExitStack, *backend_args: str) -> str:
-    """A `kvpack kvstore serve` process; its address once it answers."""
+def start_kvstore(stack: ExitStack, *backend_args: str, pythonpath: str | None = None) -> str:
+    """A `kvpack kvstore serve` process; its address once it answers. `pythonpath`: run the kvpack
+    found there instead (e.g. an older commit installed with `pip install --target`), from a
+    neutral working directory."""
     address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
     process = subprocess.Popen(
         [sys.executable, "-m", "kvpack", "kvstore", "serve", "--listen", address,
-         "--metrics-port", "0", *backend_args], stdout=subprocess.DEVNULL)
+         "--metrics-port", "0", *backend_args], stdout=subprocess.DEVNULL, env=env,
+        cwd=tempfile.gettempdir() if pythonpath else None)
     stack.callback(process.wait)
     stack.callback(process.terminate)
     with KVStoreClient(address, timeout_seconds=1, retries=0) as client:
