@@ -84,47 +84,91 @@ class KVQuantCodec(KVCodec):
         outliers: float | None = None,
         sink_tokens: int = 1,
         layer: int | None = None,
-        qnorm: bool = True,
+        qnorm: bool | None = None,
+        key_bits: int | None = None,
+        value_bits: int | None = None,
+        avg_bits: float | None = None,
+        value_outliers: float | None = None,
         model_id: str | None = None,
         num_layers: int | None = None,
         use_triton: bool | None = None,
     ) -> None:
         """Args beyond DESIGN.md's (calibration, bits, outliers, sink_tokens): `layer` binds the
-        codec to one layer; `qnorm` applies the calibrated Q-Norm to the codebooks; `model_id`
-        and `num_layers`, where given, must match the artifact (a clear error otherwise)."""
+        codec to one layer; `qnorm` applies the calibrated Q-Norm to the codebooks (True), never
+        (False), or to 2-bit codebooks only (None, the default); `key_bits` /
+        `value_bits` override `bits` for keys / values; `avg_bits` (mean code bits over all K and V
+        numbers) gives every layer its own key and value bit widths from the artifact's measured
+        sensitivities (`KVQuantCalibration.allocate_bits`; excludes bits/key_bits/value_bits);
+        `value_outliers` sets the values' sparse slots apart from the keys' (default `outliers`;
+        value outliers are chosen online, so any fraction fits the artifact);
+        `model_id` and `num_layers`, where given, must match the artifact (a clear error
+        otherwise)."""
         super().__init__(head_dim=head_dim, use_triton=use_triton)
         if not isinstance(calibration, KVQuantCalibration):
             calibration = KVQuantCalibration.load(calibration)
         outliers = calibration.outliers if outliers is None else float(outliers)
         if not 0.0 <= outliers < 0.5:
             raise ValueError(f"outliers must be a fraction in [0, 0.5), got {outliers}")
-        calibration.check(head_dim=head_dim, bits=bits, outliers=outliers, model_id=model_id,
+        key_bits = bits if key_bits is None else int(key_bits)
+        value_bits = bits if value_bits is None else int(value_bits)
+        calibration.check(head_dim=head_dim, bits=key_bits, outliers=outliers, model_id=model_id,
                           num_layers=num_layers)
+        calibration.check(bits=value_bits)
         if sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
-        reference.row_bytes(head_dim, bits)
+        reference.row_bytes(head_dim, key_bits)
+        self.allocation: tuple[list[int], list[int]] | None = None
+        self.avg_bits = None if avg_bits is None else float(avg_bits)
+        if self.avg_bits is not None:
+            if (key_bits, value_bits) != (bits, bits):
+                raise ValueError("avg_bits allocates every layer's bits: give it without "
+                                 "key_bits/value_bits")
+            self.allocation = calibration.allocate_bits(self.avg_bits)
         self.calibration = calibration
         self.bits = bits
+        self.key_bits, self.value_bits = key_bits, value_bits
         self.outliers = outliers
         self.sink_tokens = int(sink_tokens)
-        self.qnorm = bool(qnorm)
+        self.qnorm = None if qnorm is None else bool(qnorm)
+        self.value_outliers = outliers if value_outliers is None else float(value_outliers)
+        if not 0.0 <= self.value_outliers < 0.5:
+            raise ValueError(
+                f"value_outliers must be a fraction in [0, 0.5), got {self.value_outliers}")
         self.num_slots = reference.outlier_slots(outliers, head_dim)
-        if self.num_slots >= head_dim:
-            raise ValueError(f"outliers={outliers} leaves no dense channels at head_dim {head_dim}")
+        self.value_slots = reference.outlier_slots(self.value_outliers, head_dim)
+        if max(self.num_slots, self.value_slots) >= head_dim:
+            raise ValueError(f"outliers={outliers} / value_outliers={self.value_outliers} leave "
+                             f"no dense channels at head_dim {head_dim}")
         self.index_dtype = torch.uint8 if head_dim <= 256 else torch.int16
-        self.layer = None if layer is None else self._check_layer(layer)
+        self.layer = None
         self._tables: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._calibration_digest = _digest(calibration)
+        if layer is not None:
+            self._bind(layer)
 
     # -- identity ---------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
-        return {
+        params = {
             "calibration": self._calibration_digest,
             "bits": self.bits,
             "outliers": self.outliers,
             "sink_tokens": self.sink_tokens,
             "qnorm": self.qnorm,
         }
+        if self.value_outliers != self.outliers:
+            params["value_outliers"] = self.value_outliers
+        if self.allocation is not None:  # every layer's widths, so all layers share one identity
+            params["avg_bits"] = self.avg_bits
+            params["key_bits"], params["value_bits"] = self.allocation
+        elif (self.key_bits, self.value_bits) != (self.bits, self.bits):
+            params["key_bits"], params["value_bits"] = self.key_bits, self.value_bits
+        return params
+
+    def _bind(self, layer: int) -> None:
+        self.layer = self._check_layer(layer)
+        if self.allocation is not None:
+            self.key_bits = self.allocation[0][self.layer]
+            self.value_bits = self.allocation[1][self.layer]
 
     def _check_layer(self, layer: int) -> int:
         if not 0 <= int(layer) < self.calibration.num_layers:
@@ -134,8 +178,8 @@ class KVQuantCodec(KVCodec):
     def for_layer(self, layer: int) -> KVQuantCodec:
         """This codec bound to one layer's calibration (shares the loaded artifact)."""
         bound = copy.copy(self)
-        bound.layer = self._check_layer(layer)
         bound._tables = {}
+        bound._bind(layer)
         return bound
 
     def tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -143,10 +187,11 @@ class KVQuantCodec(KVCodec):
         if self.layer is None:
             if self.calibration.num_layers != 1:
                 raise ValueError("kvquant codecs are per layer: pass layer= or use for_layer(i)")
-            self.layer = 0
+            self._bind(0)
         device = torch.device(device)
         if device not in self._tables:
-            tables = self.calibration.layer_tables(self.layer, self.bits, self.qnorm)
+            tables = self.calibration.layer_tables(self.layer, self.key_bits, self.qnorm,
+                                                   value_bits=self.value_bits)
             tables["inv_freq"] = self.calibration.inv_freq.float()
             self._tables[device] = {name: t.to(device) for name, t in tables.items()}
         return self._tables[device]
@@ -160,15 +205,21 @@ class KVQuantCodec(KVCodec):
             )
         if batch <= 0 or capacity < 0:
             raise ValueError(f"batch must be positive and capacity >= 0, got {batch}, {capacity}")
+        if self.layer is None and self.calibration.num_layers == 1:
+            self._bind(0)
+        if self.layer is None and self.allocation is not None:
+            raise ValueError("kvquant codecs with avg_bits are per layer: use for_layer(i)")
         shape = (batch, num_heads, capacity)
-        fields = {"codes": torch.zeros(*shape, self.head_dim * self.bits // 8, dtype=torch.uint8,
+        bits = self.key_bits if kind == "keys" else self.value_bits
+        fields = {"codes": torch.zeros(*shape, self.head_dim * bits // 8, dtype=torch.uint8,
                                        device=device)}
         if kind == "values":
             fields["scale"] = torch.zeros(shape, dtype=torch.float16, device=device)
             fields["zero"] = torch.zeros(shape, dtype=torch.float16, device=device)
-        fields["outlier_index"] = torch.zeros(*shape, self.num_slots, dtype=self.index_dtype,
+        slots = self.num_slots if kind == "keys" else self.value_slots
+        fields["outlier_index"] = torch.zeros(*shape, slots, dtype=self.index_dtype,
                                               device=device)
-        fields["outlier_delta"] = torch.zeros(*shape, self.num_slots, dtype=torch.float16,
+        fields["outlier_delta"] = torch.zeros(*shape, slots, dtype=torch.float16,
                                               device=device)
         sink = torch.zeros(batch, num_heads, 0, self.head_dim, dtype=torch.float16, device=device)
         return KVQuantCache(kind, self.fingerprint(), fields, sink)
@@ -217,7 +268,7 @@ class KVQuantCodec(KVCodec):
     # -- keys -------------------------------------------------------------------------------
     def _quantize_keys(self, k: torch.Tensor):
         t = self.tables(k.device)
-        args = (t["key_zero"], t["key_scale"], t["key_boundaries"], t["key_lut"], self.bits,
+        args = (t["key_zero"], t["key_scale"], t["key_boundaries"], t["key_lut"], self.key_bits,
                 self.num_slots)
         if should_use_triton(k, self.use_triton):
             from . import kvquant_triton
@@ -267,7 +318,7 @@ class KVQuantCodec(KVCodec):
             # one launch: the kernel reads the sink tokens' exact keys itself
             kvquant_triton.key_scores(
                 q, used["codes"], used["outlier_index"], used["outlier_delta"], t["key_zero"],
-                t["key_scale"], t["key_lut"], t["inv_freq"], scaling, self.bits,
+                t["key_scale"], t["key_lut"], t["inv_freq"], scaling, self.key_bits,
                 token_start=0, out=out, sink=keys.sink,
             )
             return out
@@ -279,7 +330,7 @@ class KVQuantCodec(KVCodec):
             rest = {name: x[:, :, num_sink:] for name, x in used.items()}
             dense = reference.dequantize_keys(
                 rest["codes"], rest["outlier_index"], rest["outlier_delta"], t["key_zero"],
-                t["key_scale"], t["key_lut"], self.bits, self.head_dim,
+                t["key_scale"], t["key_lut"], self.key_bits, self.head_dim,
             )
             rotated = reference.apply_rope(dense, positions[num_sink:], t["inv_freq"], scaling)
             out[..., num_sink:] = reference.scores(q, rotated)
@@ -291,7 +342,7 @@ class KVQuantCodec(KVCodec):
         used = keys.used()
         dense = reference.dequantize_keys(
             used["codes"], used["outlier_index"], used["outlier_delta"], t["key_zero"],
-            t["key_scale"], t["key_lut"], self.bits, self.head_dim,
+            t["key_scale"], t["key_lut"], self.key_bits, self.head_dim,
         )
         dense[:, :, : keys.sink.shape[2]] = keys.sink.float()
         return dense
@@ -299,7 +350,7 @@ class KVQuantCodec(KVCodec):
     # -- values -----------------------------------------------------------------------------
     def _quantize_values(self, v: torch.Tensor):
         t = self.tables(v.device)
-        args = (t["value_boundaries"], t["value_lut"], self.bits, self.num_slots)
+        args = (t["value_boundaries"], t["value_lut"], self.value_bits, self.value_slots)
         if should_use_triton(v, self.use_triton):
             from . import kvquant_triton
 
@@ -333,13 +384,13 @@ class KVQuantCodec(KVCodec):
 
             out = kvquant_triton.attend_values(
                 p, used["codes"], used["scale"], used["zero"], used["outlier_index"],
-                used["outlier_delta"], t["value_lut"], self.bits, token_start=num_sink,
+                used["outlier_delta"], t["value_lut"], self.value_bits, token_start=num_sink,
             )
         else:
             rest = {name: x[:, :, num_sink:] for name, x in used.items()}
             dense = reference.dequantize_values(
                 rest["codes"], rest["scale"], rest["zero"], rest["outlier_index"],
-                rest["outlier_delta"], t["value_lut"], self.bits, self.head_dim,
+                rest["outlier_delta"], t["value_lut"], self.value_bits, self.head_dim,
             )
             out = reference.attend(p[..., num_sink:], dense)
         if num_sink:
@@ -351,7 +402,7 @@ class KVQuantCodec(KVCodec):
         used = values.used()
         dense = reference.dequantize_values(
             used["codes"], used["scale"], used["zero"], used["outlier_index"],
-            used["outlier_delta"], t["value_lut"], self.bits, self.head_dim,
+            used["outlier_delta"], t["value_lut"], self.value_bits, self.head_dim,
         )
         dense[:, :, : values.sink.shape[2]] = values.sink.float()
         return dense

@@ -7,7 +7,11 @@ For each layer (research/kvquant.md §1.2, §1.6):
 - values, per token: the codec's own online rule (`kvquant_reference.value_ranges`);
 - codebook: weighted 1-D k-means over all normalized inliers with weight F * s^2 (the paper's
   Eq. 7: an error e in normalized units is an error s*e in the activation, whose loss impact the
-  Fisher F weighs; the reference code leaves out s^2);
+  Fisher F weighs; the reference code leaves out s^2). By default only the key codebooks weigh
+  by F: a few thousand calibration tokens give a value Fisher so heavy-tailed (0.1% of the
+  elements hold up to 70% of a layer's mass) that the value codebook fits a handful of points and
+  loses to an evenly spaced one (SmolLM2: 4-bit values alone +2.4% ppl with F, +0.9% without;
+  docs/eval.md); values weigh by s^2 only (`fisher_weighting`);
 - Q-Norm: lut = centroids * sigma1/sigma2 + (m1 - m2 * sigma1/sigma2), matching mean and std of
   the quantized inliers (m2, sigma2) to the data (m1, sigma1).
 """
@@ -65,16 +69,27 @@ def _codebooks(points, weights, bits_list):
     return centroids, norms
 
 
+FISHER_WEIGHTING = ("keys", "both", "values", "none")
+
+
 def calibrate_layer(
-    acts: LayerActivations, *, bits_list: list[int], outliers: float
+    acts: LayerActivations, *, bits_list: list[int], outliers: float,
+    fisher_weighting: str = "keys",
 ) -> dict[str, Any]:
-    """One layer's constants from its activations and Fisher information."""
+    """One layer's constants from its activations and Fisher information. `fisher_weighting`
+    says which codebooks weigh each element by its Fisher information (all weigh by s^2)."""
+    if fisher_weighting not in FISHER_WEIGHTING:
+        raise ValueError(f"fisher_weighting must be one of {FISHER_WEIGHTING}, "
+                         f"got {fisher_weighting!r}")
+    key_fisher = fisher_weighting in ("keys", "both")
+    value_fisher = fisher_weighting in ("values", "both")
     lower, upper = channel_quantiles(acts.keys, outliers)
     key_zero = (upper + lower) / 2
     key_scale = ((upper - lower) / 2).clamp_min(1e-6)
     normalized = (acts.keys - key_zero) / key_scale
     inlier = normalized.abs() <= 1
-    key_weights = acts.key_fisher * key_scale.square()
+    key_weights = (acts.key_fisher if key_fisher else torch.ones_like(acts.keys)) \
+        * key_scale.square()
     key_centroids, key_qnorm = _codebooks(normalized[inlier], key_weights[inlier], bits_list)
 
     num_slots = reference.outlier_slots(outliers, acts.values.shape[-1])
@@ -82,7 +97,8 @@ def calibrate_layer(
     zero, scale = zero.float()[..., None], scale.float()[..., None]
     value_normalized = (acts.values - zero) / scale
     value_inlier = torch.ones_like(value_normalized, dtype=torch.bool).scatter_(-1, index, False)
-    value_weights = acts.value_fisher * scale.square()
+    value_weights = (acts.value_fisher if value_fisher else torch.ones_like(acts.values)) \
+        * scale.square()
     value_centroids, value_qnorm = _codebooks(
         value_normalized[value_inlier], value_weights[value_inlier], bits_list
     )
@@ -147,7 +163,7 @@ def model_activations(model, shape: ModelShape, sequences: torch.Tensor, *, sink
 def calibration_from_activations(
     activations: list[LayerActivations], shape: ModelShape, *, bits_list: list[int],
     outliers: float, sink_tokens: int, text_sha256: str, num_tokens: int, sequence_length: int,
-    progress: bool = True,
+    progress: bool = True, fisher_weighting: str = "keys",
 ) -> KVQuantCalibration:
     """Fit every layer's constants (one pass of Fisher collection serves several settings)."""
     for bits in bits_list:
@@ -155,7 +171,8 @@ def calibration_from_activations(
     if not 0.0 <= outliers < 0.5:
         raise ValueError(f"outliers must be a fraction in [0, 0.5), got {outliers}")
     layers = [
-        calibrate_layer(acts, bits_list=bits_list, outliers=outliers)
+        calibrate_layer(acts, bits_list=bits_list, outliers=outliers,
+                        fisher_weighting=fisher_weighting)
         for acts in tqdm(activations, desc="calibrate: codebooks", unit="layer",
                          disable=not progress)
     ]
@@ -174,6 +191,7 @@ def calibration_from_activations(
         "text_sha256": text_sha256,
         "num_tokens": num_tokens,
         "sequence_length": sequence_length,
+        "fisher_weighting": fisher_weighting,
     }
 
     def stack(name: str, bits: int | None = None) -> torch.Tensor:
@@ -191,21 +209,38 @@ def calibration_from_activations(
     )
 
 
+def add_sensitivity(model, calibration: KVQuantCalibration, sequences: torch.Tensor, *,
+                    progress: bool = True) -> KVQuantCalibration:
+    """Measure and attach per-layer sensitivities (`kvpack.calibrate.sensitivity`)."""
+    from kvpack.calibrate.sensitivity import measure_sensitivity
+
+    keys, values = measure_sensitivity(model, calibration, sequences, progress=progress)
+    calibration.key_sensitivity, calibration.value_sensitivity = keys, values
+    calibration.metadata["sensitivity_tokens"] = int(sequences.numel())
+    return calibration
+
+
 def calibrate_model(
     model, sequences: torch.Tensor, *, model_id: str, bits_list: list[int], outliers: float,
     sink_tokens: int, text_sha256: str, progress: bool = True,
+    sensitivity_sequences: torch.Tensor | None = None, fisher_weighting: str = "keys",
 ) -> KVQuantCalibration:
-    """Calibrate every layer of a HF Llama-family causal LM on token sequences [S, L]."""
+    """Calibrate every layer of a HF Llama-family causal LM on token sequences [S, L]; with
+    `sensitivity_sequences`, also measure per-layer sensitivities on them (for avg_bits)."""
     for bits in bits_list:  # fail before the expensive part
         reference.check_bits(bits)
     shape = model_shape(model, model_id)
     activations = model_activations(model, shape, sequences, sink_tokens=sink_tokens,
                                     progress=progress)
-    return calibration_from_activations(
+    calibration = calibration_from_activations(
         activations, shape, bits_list=bits_list, outliers=outliers, sink_tokens=sink_tokens,
         text_sha256=text_sha256, num_tokens=int(sequences.numel()),
         sequence_length=int(sequences.shape[1]), progress=progress,
+        fisher_weighting=fisher_weighting,
     )
+    if sensitivity_sequences is not None and sensitivity_sequences.numel():
+        add_sensitivity(model, calibration, sensitivity_sequences, progress=progress)
+    return calibration
 
 
 def _is_json(value: Any) -> bool:

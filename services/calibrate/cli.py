@@ -49,6 +49,15 @@ def add_parser(subparsers, name: str, help_text: str) -> None:
     parser.add_argument("--sink-tokens", type=non_negative_int, default=1,
                         help="first tokens of each window kept in fp16, left out of the fit "
                              "(default %(default)s)")
+    parser.add_argument("--fisher-weighting", choices=("keys", "both", "values", "none"),
+                        default="keys",
+                        help="codebooks whose k-means weighs elements by their Fisher "
+                             "information (all weigh by the squared scale) (default %(default)s)")
+    parser.add_argument("--sensitivity-tokens", type=non_negative_int, default=512,
+                        help="calibration tokens (the first ones of --text, in "
+                             "--sequence-length windows) on which each layer's measured "
+                             "sensitivity to K/V quantization at each bit width is recorded, "
+                             "for --avg-bits allocation; 0 skips it (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     parser.add_argument("--out", required=True, type=Path, help="artifact path (.safetensors)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -86,10 +95,16 @@ def run_calibrate(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, gguf_file=args.gguf_file, device=args.device)
         sequences = token_windows(loaded.tokenizer, raw.decode("utf-8", errors="replace"),
                                   args.tokens, args.sequence_length)
+        sensitivity = None
+        if args.sensitivity_tokens:
+            windows = min(len(sequences),
+                          -(-args.sensitivity_tokens // sequences.shape[1]))
+            sensitivity = sequences[:windows]
         calibration = calibrate_model(
             loaded.model, sequences, model_id=loaded.model_id, bits_list=args.bits,
             outliers=args.outliers, sink_tokens=args.sink_tokens,
             text_sha256=hashlib.sha256(raw).hexdigest(), progress=not args.quiet,
+            sensitivity_sequences=sensitivity, fisher_weighting=args.fisher_weighting,
         )
     except (ValueError, OSError) as error:
         raise SystemExit(f"{prog}: {error}") from None

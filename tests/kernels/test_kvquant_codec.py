@@ -200,3 +200,78 @@ def test_fingerprint_tracks_calibration_and_parameters():
     assert _codec(calibration, sink_tokens=0).fingerprint() != base
     other = random_calibration(head_dim=64, generator=torch.Generator().manual_seed(9))
     assert _codec(other).fingerprint() != base
+
+
+def _with_sensitivity(calibration, generator):
+    """Random per-layer sensitivities, falling with bits as measured ones do."""
+    layers, widths = calibration.num_layers, len(calibration.bits)
+    base = torch.rand(layers, 1, generator=generator) * 1e-2
+    falls = 4.0 ** -torch.arange(widths, dtype=torch.float32)
+    calibration.key_sensitivity = base * falls * 3
+    calibration.value_sensitivity = torch.rand(layers, 1, generator=generator) * 1e-2 * falls
+    return calibration
+
+
+@pytest.mark.parametrize(("key_bits", "value_bits", "value_outliers"),
+                         [(4, 2, 0.01), (2, 4, 0.0), (3, 4, 0.04)])
+def test_separate_key_and_value_widths_agree_across_paths_and_count_bytes(
+        key_bits, value_bits, value_outliers):
+    calibration = random_calibration(head_dim=64, num_kv_heads=2, outliers=0.01)
+    g = torch.Generator().manual_seed(11)
+    k = keys_like(calibration, 1, batch=2, num_tokens=21, generator=g)
+    v = values_like(calibration, 2, 21, g)
+    q = torch.randn(2, 4, 2, 64, generator=g)
+    p = torch.softmax(torch.randn(2, 4, 2, 21, generator=g), -1)
+    results = {}
+    for use_triton in (True, False):
+        codec = _codec(calibration, key_bits=key_bits, value_bits=value_bits,
+                       value_outliers=value_outliers, use_triton=use_triton)
+        keys, values = codec.encode_keys(k), codec.encode_values(v)
+        results[use_triton] = (keys, values, codec.key_scores(q, keys),
+                               codec.attend_values(p, values))
+    (keys_t, values_t, scores_t, out_t), (keys_r, values_r, scores_r, out_r) = results.values()
+    assert torch.equal(keys_t.used()["codes"], keys_r.used()["codes"])
+    assert torch.equal(values_t.used()["codes"], values_r.used()["codes"])
+    torch.testing.assert_close(scores_t, scores_r, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out_t, out_r, rtol=1e-4, atol=1e-5)
+    value_slots = reference.outlier_slots(value_outliers, 64)
+    vectors, sink = 2 * 2 * 21, 2 * 2 * 64 * 2
+    assert codec.nbytes(keys_r) == vectors * (64 * key_bits // 8 + 3) + sink
+    assert codec.nbytes(values_r) == vectors * (64 * value_bits // 8 + 3 * value_slots + 4) + sink
+    # the widths are part of the identity and survive the byte round trip
+    assert codec.fingerprint() != _codec(calibration, bits=key_bits).fingerprint()
+    copy = codec.from_bytes(codec.to_bytes(values_r))
+    assert torch.equal(copy.used()["codes"], values_r.used()["codes"])
+
+
+def test_avg_bits_gives_each_layer_its_allocated_widths():
+    calibration = _with_sensitivity(random_calibration(head_dim=64, num_layers=4),
+                                    torch.Generator().manual_seed(2))
+    unbound = make_codec("kvquant", head_dim=64, calibration=calibration, avg_bits=3.25)
+    key_bits, value_bits = unbound.allocation
+    assert sum(key_bits) + sum(value_bits) <= 3.25 * 8 and len(key_bits) == 4
+    assert len(set(key_bits + value_bits)) > 1  # mixed widths
+    g = torch.Generator().manual_seed(3)
+    fingerprints = set()
+    for layer in range(4):
+        codec = unbound.for_layer(layer)
+        assert (codec.key_bits, codec.value_bits) == (key_bits[layer], value_bits[layer])
+        keys = codec.encode_keys(keys_like(calibration, layer, 1, 5, g))
+        values = codec.encode_values(values_like(calibration, 1, 5, g))
+        assert keys.fields["codes"].shape[-1] == 64 * key_bits[layer] // 8
+        assert values.fields["codes"].shape[-1] == 64 * value_bits[layer] // 8
+        fingerprints.add(codec.fingerprint())
+    # one identity for the whole allocation, different from any uniform width and budget
+    assert len(fingerprints) == 1
+    assert fingerprints != {_codec(calibration, bits=3).fingerprint()}
+    other = make_codec("kvquant", head_dim=64, calibration=calibration, avg_bits=3.5)
+    assert other.fingerprint() not in fingerprints
+    with pytest.raises(ValueError, match="without key_bits/value_bits"):
+        make_codec("kvquant", head_dim=64, calibration=calibration, avg_bits=3.0, key_bits=4)
+    with pytest.raises(ValueError, match=r"avg_bits must be in \[2, 4\]"):
+        make_codec("kvquant", head_dim=64, calibration=calibration, avg_bits=4.5)
+    with pytest.raises(ValueError, match="no per-layer sensitivities"):
+        make_codec("kvquant", head_dim=64, calibration=random_calibration(head_dim=64),
+                   avg_bits=3.0)
+    with pytest.raises(ValueError, match="value_outliers"):
+        _codec(calibration, value_outliers=0.6)
