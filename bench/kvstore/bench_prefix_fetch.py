@@ -12,7 +12,9 @@ blocks through the service, and then times, interleaved round by round:
 
 - `before`: the read path this replaced, kept here as it was: Match, one `get` (GetWhole) per
   block in turn, every record verified by the service, the client and the prefix store, copied
-  into per-layer bytes, then all blocks loaded into the cache.
+  into per-layer bytes, then all blocks loaded into the cache. `before, old service`
+  (`--baseline-pythonpath`): the same against a kvstore of another build on the same Redis (the
+  commit before these changes, installed with `pip install --no-deps --target DIR`).
 - `fetch N`: `KVStoreClient.iter_many` over N streams, blocks only (verified, no load).
 - `load_prefix N×L`: `PrefixStore.load_prefix` with an N-stream client and L load threads (each
   loading its share of the layers): the new path, each block loaded into the cache (`--device`)
@@ -175,6 +177,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the cache lives (cpu, cuda)")
     parser.add_argument("--machine", default=None)
     parser.add_argument(
+        "--baseline-pythonpath",
+        default=None,
+        help="also start a kvstore from the kvpack installed there (e.g. the commit before these "
+        "changes) on the same Redis and time the old read path against it: row 'before, old "
+        "service'",
+    )
+    parser.add_argument(
         "--kvstore-pythonpath",
         default=None,
         help="run the kvstore from the kvpack installed there (before/after comparisons: e.g. "
@@ -211,6 +220,19 @@ def main() -> None:
         )
         metrics = InferenceMetrics()
         writer = KVStoreClient(address, streams=1)
+        baseline = None
+        if args.baseline_pythonpath:
+            baseline = KVStoreClient(
+                start_kvstore(
+                    stack,
+                    "--backend",
+                    f"redis://127.0.0.1:{port}/0",
+                    pythonpath=args.baseline_pythonpath,
+                ),
+                streams=1,
+            )
+            stack.callback(baseline.close)
+            result["baseline_kvstore"] = f"kvpack from {args.baseline_pythonpath}"
         prefix = PrefixStore(writer, block_tokens=args.block_tokens, metrics=metrics)
         stack.callback(prefix.close)
         started = time.perf_counter()
@@ -231,6 +253,9 @@ def main() -> None:
         }
         for n in streams:  # warm up: connections, allocator, the codec's first load
             fetch_only(readers[n], hashes[:4], namespace)
+        for block_hash in hashes[:4]:  # and the old path's GetWhole
+            for client in (writer, baseline) if baseline else (writer,):
+                client.get(namespace, block_hash)
         runs: dict[str, list[dict]] = {}
         for round_ in range(args.repeats):
             cache = new_cache(codecs, capacity, args.device)
@@ -238,6 +263,12 @@ def main() -> None:
             check_loaded(cache, records, namespace, layout, prefix)
             runs.setdefault("before", []).append(timed)
             del cache
+            if baseline is not None:
+                cache = new_cache(codecs, capacity, args.device)
+                timed = old_read_path(baseline, prefix, token_ids, namespace, layout, cache)
+                check_loaded(cache, records, namespace, layout, prefix)
+                runs.setdefault("before, old service", []).append(timed)
+                del cache
             for n in streams:
                 runs.setdefault(f"fetch {n}", []).append(fetch_only(readers[n], hashes, namespace))
                 for threads in load_threads:
