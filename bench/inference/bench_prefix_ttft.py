@@ -13,8 +13,9 @@ blocks; once they are all written, request B = prefix + suffix B (another suffix
 is shared) fetches the prefix and computes the suffix; request C is B again with reuse off, which
 recomputes everything. Speed-up = TTFT(C) / TTFT(B). B and C are repeated and the medians kept.
 Every B records where its time went (`reuse_breakdown`): the prefix store's load (blocks, bytes,
-seconds spent waiting for blocks to arrive and loading them into the cache, its total) and the
-rest of the TTFT (the suffix's prefill and the first token: `compute_seconds`).
+`fetch_seconds` until the last block arrived, seconds spent waiting for blocks and loading them
+into the cache, its total) and the rest of the TTFT (the suffix's prefill and the first token:
+`compute_seconds`).
 
     . bench/device_env.sh && python bench/inference/bench_prefix_ttft.py --random-llama3-8b \\
         --redis --device cuda --prefix-tokens 32768 --out $OUT/inference_prefix_ttft_h100.json
@@ -207,6 +208,7 @@ def shared_prefix(args, loaded, store_address: str, report: dict) -> None:
         for _ in range(args.repeats):
             warm.append(generate(stub, prefix + suffixes[1], True, method, params))
             load = dataclasses.asdict(server.prefix_store.last_load)
+            load.pop("started", None)
             load["compute_seconds"] = warm[-1]["ttft_seconds"] - load["total_seconds"]
             load["mb_per_s"] = load["bytes"] / max(load["total_seconds"], 1e-9) / 1e6
             breakdown.append(load)
@@ -217,13 +219,20 @@ def shared_prefix(args, loaded, store_address: str, report: dict) -> None:
         recompute_ttft = statistics.median(r["ttft_seconds"] for r in recompute)
         median = {
             key: statistics.median(b[key] for b in breakdown)
-            for key in ("total_seconds", "wait_seconds", "load_seconds", "compute_seconds")
+            for key in (
+                "total_seconds",
+                "fetch_seconds",
+                "wait_seconds",
+                "load_seconds",
+                "compute_seconds",
+            )
         }
         report["results"][method] = {
             "method_params": params,
             **partial,
             "reuse_breakdown_median": {
                 "fetch_and_load_seconds": median["total_seconds"],
+                "fetch_seconds": median["fetch_seconds"],
                 "waiting_for_blocks_seconds": median["wait_seconds"],
                 "loading_seconds": median["load_seconds"],
                 "compute_seconds": median["compute_seconds"],

@@ -144,6 +144,7 @@ def new_read_path(
     stats = prefix.last_load
     return {
         "blocks": stats.blocks,
+        "fetch_seconds": stats.fetch_seconds,
         "wait_seconds": stats.wait_seconds,
         "load_seconds": stats.load_seconds,
         "total_seconds": time.perf_counter() - started,
@@ -316,14 +317,17 @@ def markdown_table(result: dict) -> str:
         f"{result['record_bytes'] / 1e6:.2f} MB ({result['prefix_bytes'] / 1e6:.0f} MB); median "
         f"of {result['repeats']}.",
         "",
-        "| path | total s | MB/s | waiting for blocks s | loading s | vs before |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| path | total s | MB/s | last block in s | waiting for blocks s | loading s "
+        "| vs before |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, row in result["results"].items():
         wait = row.get("wait_seconds", row.get("fetch_seconds"))
         load = row.get("load_seconds")
+        fetched = row.get("fetch_seconds")
         lines.append(
             f"| {name} | {row['total_seconds']:.2f} | {row['mb_per_s']:.0f} | "
+            f"{'' if fetched is None else f'{fetched:.2f}'} | "
             f"{'' if wait is None else f'{wait:.2f}'} | {'' if load is None else f'{load:.2f}'} | "
             f"{row['speedup_vs_before']:.2f}× |"
         )

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvpack.common import record
@@ -98,15 +98,19 @@ class _LayerLoader:
 
 @dataclass
 class LoadStats:
-    """What one load_prefix did: blocks and record bytes loaded; seconds spent waiting for blocks
-    to arrive (the transfer not hidden behind loading), loading them into the cache (splitting
-    the record, the codec's append, host-to-device copies), and in all (match included)."""
+    """What one load_prefix did: blocks and record bytes loaded; seconds from the start until the
+    last block was handed over (`fetch_seconds`: the transfer, as far as loading kept up with it),
+    spent waiting for blocks to arrive (the transfer not hidden behind loading), loading them into
+    the cache (splitting the record, the codec's append, host-to-device copies), and in all (match
+    included)."""
 
     blocks: int = 0
     bytes: int = 0
+    fetch_seconds: float = 0.0
     wait_seconds: float = 0.0
     load_seconds: float = 0.0
     total_seconds: float = 0.0
+    started: float = field(default=0.0, repr=False, compare=False)  # perf_counter at the start
 
 
 def namespace_of(model_id: str, codec: KVCodec, tenant: str) -> str:
@@ -184,6 +188,7 @@ class PrefixStore:
         except StoreError as error:
             self.count_fallback("unavailable", error)
             return cache, 0
+        stats.started = started
         loaded = self._load_blocks(cache, namespace, layout, hashes[:matched], stats)
         if loaded is None:  # refused halfway through a block: rebuild from the good ones
             good = stats.blocks
@@ -233,6 +238,7 @@ class PrefixStore:
                     stats.wait_seconds += time.perf_counter() - waited
                 if data is _END:
                     break
+                stats.fetch_seconds = time.perf_counter() - stats.started
                 if data is None:  # evicted between Match and Get, or dropped as corrupt
                     self.count_fallback("miss", None)
                     break

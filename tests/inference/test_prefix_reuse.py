@@ -219,6 +219,7 @@ def test_a_long_prefix_arrives_over_parallel_streams_and_is_described(
     assert stats.bytes > stats.blocks * 1000
     assert 0 < stats.load_seconds and 0 <= stats.wait_seconds
     assert stats.total_seconds >= stats.load_seconds + stats.wait_seconds
+    assert 0 < stats.fetch_seconds <= stats.total_seconds
 
 
 def test_a_corrupt_block_in_the_middle_keeps_the_blocks_before_it(
