@@ -155,17 +155,11 @@ def start_server(
             method_params=params,
             block_tokens=block_tokens,
             prefill_chunk_tokens=prefill_chunk_tokens,
+            kvstore_streams=streams,
+            prefix_load_threads=load_threads,
         ),
         loaded=loaded,
     )
-    if streams is not None and server.prefix_store is not None:
-        # the server's own client, with another number of streams (same deadlines and retries)
-        server.prefix_store.client.close()
-        server.prefix_store.client = KVStoreClient(
-            store_address, timeout_seconds=1.0, retries=1, streams=streams
-        )
-    if load_threads is not None and server.prefix_store is not None:
-        server.prefix_store.load_threads = load_threads
     return server, inference_pb2_grpc.InferenceStub(grpc.insecure_channel(server.address))
 
 

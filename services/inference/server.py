@@ -29,6 +29,11 @@ class InferenceConfig:
     dtype: str = "float32"
     kvstore: str | None = None  # HOST:PORT, or None for no prefix sharing
     kvstore_token: str | None = None
+    # GetMany connections a prefix is fetched over, and threads that load fetched blocks; None:
+    # the client's / prefix store's defaults (measured best: 4 streams and 1 loader on the H100
+    # machine's 16-core host, 1 and 1 on a 2-core VM; bench/inference/README.md)
+    kvstore_streams: int | None = None
+    prefix_load_threads: int | None = None
     method: str = "fp16"
     method_params: dict[str, Any] = field(default_factory=dict)
     block_tokens: int = 256
@@ -57,11 +62,16 @@ class InferenceServer:
             from kvpack.kvstore.client import KVStoreClient
 
             # Short deadlines: a slow store must cost little before we recompute instead.
+            streams = {} if config.kvstore_streams is None else {"streams": config.kvstore_streams}
             client = KVStoreClient(
-                config.kvstore, token=config.kvstore_token, timeout_seconds=1.0, retries=1
-            )
+                config.kvstore, token=config.kvstore_token, timeout_seconds=1.0, retries=1,
+                **streams,
+            )  # fmt: skip
+            loaders = {}
+            if config.prefix_load_threads is not None:
+                loaders = {"load_threads": config.prefix_load_threads}
             self.prefix_store = PrefixStore(
-                client, block_tokens=config.block_tokens, metrics=self.metrics
+                client, block_tokens=config.block_tokens, metrics=self.metrics, **loaders
             )
         self.engine = Engine(
             self.loaded,

@@ -74,6 +74,7 @@ def test_serve_process_and_generate_json(shared_data, capsys):
         (["inference", "serve", "--model", "m", "--bits", "3"], "--bits applies to kivi/kvquant"),
         (["inference", "serve", "--model", "m", "--device", "tpu"], "invalid choice"),
         (["inference", "serve", "--model", "m", "--block-tokens", "0"], "positive"),
+        (["inference", "serve", "--model", "m", "--kvstore-streams", "0"], "positive"),
         (["inference", "serve"], "--model"),
         (["generate", "--target", "nowhere", "hi"], "HOST:PORT"),
     ],

@@ -205,10 +205,12 @@ def test_a_long_prefix_arrives_over_parallel_streams_and_is_described(
     (3 GetMany streams; the layers shared among `load_threads` threads), the same text, and the
     load's breakdown recorded."""
     store = kvstore_factory(backend=redis_server.url)
-    server = inference_factory(stories, kvstore=store.address, block_tokens=BLOCK_TOKENS)
-    server.prefix_store.client.close()
-    server.prefix_store.client = KVStoreClient(store.address, streams=3)
-    server.prefix_store.load_threads = load_threads
+    server = inference_factory(
+        stories, kvstore=store.address, block_tokens=BLOCK_TOKENS, kvstore_streams=3,
+        prefix_load_threads=load_threads,
+    )  # fmt: skip
+    assert len(server.prefix_store.client._stubs) == 3
+    assert server.prefix_store.load_threads == load_threads
     stub = connect(server.address)
     reference, _, hashes = _reference_and_stored(stories, server, stub)
     again = generate(stub, prompt=LONG_STORY, max_new_tokens=12)
