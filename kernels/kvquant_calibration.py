@@ -7,10 +7,11 @@ One safetensors file. Tensors (L layers, H KV heads, D head_dim, b each calibrat
     value.centroids.{b}        [L, 2**b]
     key.qnorm.{b}, value.qnorm.{b}  [L, 2]  Q-Norm (scale, offset): lut = centroids * scale + offset
     rope.inv_freq              [D/2]      the model's RoPE inverse frequencies (scaling applied)
-    key.sensitivity, value.sensitivity  [L, len(bits)]  (optional) measured loss of quantizing one
-                               layer's keys (values) alone at each calibrated bit width: mean KL
-                               divergence (nats per token) from the unquantized model on calibration
-                               text; `allocate_bits` spends an average bit budget where it helps most
+    key.sensitivity, value.sensitivity  [L, len(bits)]  (optional) measured loss of quantizing
+                               one layer's keys (values) alone at each calibrated bit width: mean
+                               KL divergence (nats per token) from the unquantized model on
+                               calibration text; `allocate_bits` spends an average bit budget
+                               where it helps most
 
 The safetensors header's metadata holds one JSON document under "kvpack.kvquant": format version,
 model id, model config (layers, heads, head_dim, rope parameters), bits, outlier fraction, sink
@@ -177,14 +178,14 @@ class KVQuantCalibration:
         self.check(bits=bits)
         self.check(bits=value_bits)
         tables = {"key_zero": self.key_zero[layer], "key_scale": self.key_scale[layer]}
-        for kind, centroids, norms, bits in (
+        for kind, centroids, norms, width in (
             ("key", self.key_centroids, self.key_qnorm, bits),
             ("value", self.value_centroids, self.value_qnorm, value_bits),
         ):
-            sorted_centroids = centroids[bits][layer].float().sort().values
+            sorted_centroids = centroids[width][layer].float().sort().values
             tables[f"{kind}_boundaries"] = (sorted_centroids[1:] + sorted_centroids[:-1]) / 2
-            use_norm = bits == 2 if qnorm is None else qnorm
-            norm_scale, norm_offset = norms[bits][layer].float().tolist() if use_norm \
+            use_norm = width == 2 if qnorm is None else qnorm
+            norm_scale, norm_offset = norms[width][layer].float().tolist() if use_norm \
                 else (1.0, 0.0)
             tables[f"{kind}_lut"] = sorted_centroids * norm_scale + norm_offset
         return {name: t.float().contiguous() for name, t in tables.items()}
