@@ -106,6 +106,8 @@ def main() -> int:
     parser.add_argument("--prefill-tokens", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", default=None, help="comma-separated labels (default: all)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the existing report's rows of the methods not run now")
     args = parser.parse_args()
 
     from kvpack.models import fetch_smollm2
@@ -143,6 +145,11 @@ def main() -> int:
         "wall_seconds": round(time.time() - started, 1),
         "results": [results[label] for label, _, _ in methods if label in results],
     }
+    if args.merge and OUT.exists():
+        previous = {row["label"]: row for row in json.loads(OUT.read_text())["results"]}
+        previous.update(results)
+        report["results"] = [previous[label] for label, _, _ in METHODS if label in previous]
+        report["wall_seconds"] = None  # rows come from more than one run
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {OUT}", flush=True)
