@@ -74,16 +74,8 @@ def measure_sensitivity(
             for layer in range(num_layers):
                 for kind, module in zip(("keys", "values"), modules[layer], strict=True):
                     for column, bits in enumerate(bits_list):
-                        codec = codecs[bits].for_layer(layer)
-
-                        def hook(_module, _inputs, output, codec=codec, kind=kind):
-                            x = output.float().reshape(1, -1, heads, head_dim).transpose(1, 2)
-                            if kind == "keys":
-                                x = codec.dequantize_keys(codec.encode_keys(x))
-                            else:
-                                x = codec.dequantize_values(codec.encode_values(x))
-                            return x.transpose(1, 2).reshape(output.shape).to(output.dtype)
-
+                        hook = fake_quant_hook(codecs[bits].for_layer(layer), kind, heads,
+                                               head_dim)
                         handle = module.register_forward_hook(hook)
                         try:
                             log_probs = run(layer, inputs[layer])
@@ -95,3 +87,18 @@ def measure_sensitivity(
     bar.close()
     count = max(len(sequences), 1)
     return (sums["keys"] / count).float(), (sums["values"] / count).float()
+
+
+def fake_quant_hook(codec, kind: str, heads: int, head_dim: int):
+    """A forward hook for a k_proj / v_proj module (kind "keys" / "values") that replaces its
+    output [1, T, heads * head_dim] by the codec's dequantized encoding of it."""
+
+    def hook(_module, _inputs, output):
+        x = output.float().reshape(1, -1, heads, head_dim).transpose(1, 2)
+        if kind == "keys":
+            x = codec.dequantize_keys(codec.encode_keys(x))
+        else:
+            x = codec.dequantize_values(codec.encode_values(x))
+        return x.transpose(1, 2).reshape(output.shape).to(output.dtype)
+
+    return hook

@@ -14,6 +14,7 @@ from kvpack.calibrate.calibrate import (
     model_shape,
 )
 from kvpack.calibrate.cli import token_windows
+from kvpack.calibrate.sensitivity import fake_quant_hook
 from kvpack.inference.loader import load_model
 from kvpack.kernels import make_codec
 from kvpack.kernels.kvquant_calibration import KVQuantCalibration
@@ -193,15 +194,8 @@ def _held_out_kl(model, input_ids, codecs) -> float:
         reference = torch.log_softmax(model(input_ids=input_ids[None]).logits[0].double(), -1)
     handles = []
     for layer, block in enumerate(model.model.layers):
-        codec = codecs[layer]
         for module, kind in ((block.self_attn.k_proj, "keys"), (block.self_attn.v_proj, "values")):
-            def hook(_m, _i, out, codec=codec, kind=kind):
-                x = out.float().reshape(1, -1, heads, head_dim).transpose(1, 2)
-                if kind == "keys":
-                    x = codec.dequantize_keys(codec.encode_keys(x))
-                else:
-                    x = codec.dequantize_values(codec.encode_values(x))
-                return x.transpose(1, 2).reshape(out.shape).to(out.dtype)
+            hook = fake_quant_hook(codecs[layer], kind, heads, head_dim)
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -213,7 +207,7 @@ def _held_out_kl(model, input_ids, codecs) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # calibration + sensitivities + 4 KL passes: >10 min on a loaded 2-core box
+@pytest.mark.timeout(1800)  # calibration, sensitivities, 4 KL passes: >10 min on a busy 2-core box
 def test_smollm2_mixed_allocation_beats_uniform_bits_at_the_same_budget(smollm2, shared_data):
     """Per-layer bits from measured sensitivities: at a 3-bit average the held-out damage is
     lower than uniform 3 bits, and it falls as the budget rises."""

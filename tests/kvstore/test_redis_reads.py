@@ -2,11 +2,11 @@
 connections that stay in step with Redis through failures and concurrent use."""
 
 import os
-import threading
 
 import pytest
 from kvpack.kvstore.backends import BackendUnavailable
 from kvpack.kvstore.backends.redis import RedisBackend
+from support.threads import run_in_threads
 
 
 @pytest.fixture
@@ -74,11 +74,7 @@ def test_many_threads_at_once(backend, redis_server):
             if _read(backend, key) != values[key]:
                 failures.append(key)
 
-    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(reader, 8)
     assert failures == []
 
 

@@ -1,6 +1,5 @@
 """The kvstore through gRPC with its Python client, on the memory and the Redis backend."""
 
-import threading
 import urllib.request
 
 import grpc
@@ -8,6 +7,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvpack.kvstore.client import InvalidRequest, KVStoreClient, Unauthenticated
 from support.blocks import chain, random_record
+from support.threads import run_in_threads
 
 
 @pytest.mark.parametrize("payload_bytes", [1, 1000, (1 << 20) - 7, 3 << 20, 64 << 20])
@@ -61,11 +61,7 @@ def test_many_client_threads_at_once(store):
         except Exception as error:  # collected and asserted below
             errors.append(error)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(worker, 12)
     assert errors == []
     with KVStoreClient(store.address) as client:
         stats = client.stats()

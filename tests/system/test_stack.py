@@ -4,7 +4,6 @@ scraping both, clients in two tenants, every dashboard panel evaluated, and Redi
 from __future__ import annotations
 
 import json
-import threading
 
 import grpc
 import pytest
@@ -13,6 +12,7 @@ from kvpack.common.healthcheck import is_serving
 from kvpack.proto import inference_pb2, inference_pb2_grpc
 from support.processes import RedisServer, free_port, wait_for
 from support.stack import Prometheus, kvpack_argv, start_grpc_service
+from support.threads import run_in_threads
 
 from kvpack.up import prometheus_config
 
@@ -137,11 +137,7 @@ def test_concurrent_sessions_all_complete(stack):
         except grpc.RpcError as error:
             errors.append(error)
 
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(session, 8)
     assert errors == [] and len(results) == 8
 
 
