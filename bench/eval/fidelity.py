@@ -47,7 +47,9 @@ METHODS: list[tuple[str, str, dict]] = [
     ("KVQuant-4 1%", "kvquant", {"bits": 4, "outliers": 0.01}),
     # per-layer key/value widths from the calibration's measured sensitivities; mean code bits
     # chosen so that with the 1% outlier slots, value scales and the sink the total is ~3.3 / ~4.3
+    ("KVQuant mixed ~3.0 b", "kvquant", {"avg_bits": 2.36, "outliers": 0.01}),  # = KIVI-2's
     ("KVQuant mixed ~3.3 b", "kvquant", {"avg_bits": 2.66, "outliers": 0.01}),
+    ("KVQuant mixed 3.64 b", "kvquant", {"avg_bits": 3.0, "outliers": 0.01}),  # = KVQuant-3's
     ("KVQuant mixed ~4.3 b", "kvquant", {"avg_bits": 3.66, "outliers": 0.01}),
     ("HF quanto int2", "hf-quanto", {"bits": 2}),
     ("HF quanto int4", "hf-quanto", {"bits": 4}),
