@@ -123,9 +123,15 @@ class ModelRunner:
         return self.model.lm_head(self._norm(self.model.model.norm, hidden))[:, 0].float()
 
     def _norm(self, norm, hidden: torch.Tensor) -> torch.Tensor:
+        return self._add_norm(norm, hidden)[0]
+
+    def _add_norm(self, norm, hidden: torch.Tensor, residual: torch.Tensor | None = None):
+        """(norm(hidden + residual), hidden + residual); one fused kernel on the fast path."""
         if self._fast_ops:
-            return rms_norm(hidden, norm.weight, _epsilon(norm))[0]
-        return norm(hidden)
+            return rms_norm(hidden, norm.weight, norm.variance_epsilon, residual=residual)
+        if residual is not None:
+            hidden = residual + hidden
+        return norm(hidden), hidden
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Attend):
         """The decoder stack on token_ids [N, T] at positions [N, T] -> hidden [N, T, hidden]."""
@@ -157,15 +163,9 @@ class ModelRunner:
             q_rotated, k_rotated = apply_rotary_pos_emb(q, k, cos, sin)
         attended = attend(layer_index, q_rotated, k, k_rotated, v)
         attended = attended.transpose(1, 2).reshape(batch, length, -1)
-        if self._fast_ops:
-            norm = layer.post_attention_layernorm
-            hidden, residual = rms_norm(
-                attention.o_proj(attended), norm.weight, _epsilon(norm), residual=residual
-            )
-        else:
-            hidden = residual + attention.o_proj(attended)
-            residual = hidden
-            hidden = layer.post_attention_layernorm(hidden)
+        hidden, residual = self._add_norm(
+            layer.post_attention_layernorm, attention.o_proj(attended), residual
+        )
         mlp = layer.mlp
         if fused is not None and fused.gate_up is not None:
             gate, up = torch.nn.functional.linear(hidden, fused.gate_up).chunk(2, dim=-1)
@@ -177,10 +177,6 @@ class ModelRunner:
 
 
 _STANDARD_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
-
-
-def _epsilon(norm) -> float:
-    return norm.variance_epsilon
 
 
 def _standard_llama_ops(model) -> bool:
