@@ -454,12 +454,12 @@ def _variant_error(kind: str, device) -> float:
 SWEEPS = {
     "score": (qjl_triton,
               ("SCORE_TILE_TOKENS", "SCORE_NUM_WARPS", "SCORE_NUM_STAGES", "SCORE_PROGRAMS_PER_SM"),
-              [(128, 4, 2, 4), (128, 4, 3, 4), (128, 4, 2, 5), (128, 4, 3, 8), (256, 8, 2, 4),
-               (256, 8, 3, 2)],
+              [(128, 4, 2, 4), (128, 4, 3, 4), (128, 4, 2, 5), (128, 4, 3, 8), (128, 4, 3, 2),
+               (256, 8, 2, 4), (256, 8, 3, 2), (256, 4, 3, 4)],
               1e-3),
     "quantize": (qjl_triton,
                  ("QUANTIZE_TILE_TOKENS", "QUANTIZE_NUM_WARPS", "QUANTIZE_PROGRAMS_PER_SM"),
-                 [(64, 4, 2), (64, 4, 3), (128, 8, 1)],
+                 [(64, 4, 2), (64, 4, 3), (128, 8, 1), (128, 4, 2), (128, 8, 2)],
                  1e-3),
     "values": (values_triton, ("ATTEND_BLOCK_T", "ATTEND_NUM_WARPS"),
                [(b, w) for b in (32, 64, 128) for w in (4, 8)], 1e-2),
@@ -562,7 +562,14 @@ def main() -> None:
     parser.add_argument(
         "--only-qjl", action="store_true", help="QJL kernels and the bf16 baselines only"
     )
+    parser.add_argument(
+        "--qjl-group-size",
+        type=int,
+        default=QJL_PARAMS["group_size"],
+        help="tokens per QJL outlier group (the codec's group_size)",
+    )
     args = parser.parse_args()
+    QJL_PARAMS["group_size"] = args.qjl_group_size
     global SMOKE, ONLY_QJL, QUERY_HEADS, KV_HEADS, HEAD_DIM
     SMOKE = args.smoke
     ONLY_QJL = args.only_qjl
