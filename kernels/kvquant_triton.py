@@ -402,19 +402,71 @@ def _sink_scores(Q_ptr, stride_qb, stride_qh, stride_qt, Sink_ptr, stride_kb, st
 
 
 @triton.jit
+def _query_operands(Q_ptr, stride_qb, stride_qh, stride_qt, Zero_ptr, Scale_ptr, batch, kv_head,
+                    rows, mask_m, num_query_tokens, group_size, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, COMPUTE: tl.constexpr):
+    """Query-side dot operands of one KV head for query rows `rows` (see the score kernel):
+    [BLOCK_M, 2D] in the key operand's column order 4f + 2j + h (j = 0 cos / 1 sin, key half h)
+    and [BLOCK_M, D] column 2f + j for the zero point; zero for rows outside mask_m."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    freq = tl.arange(0, HALF)
+    table = kv_head * HEAD_DIM
+    query_head = kv_head * group_size + rows // num_query_tokens
+    q_rows = Q_ptr + batch * stride_qb + query_head * stride_qh + (
+        rows % num_query_tokens) * stride_qt
+    q1 = tl.load(q_rows[:, None] + freq[None, :], mask=mask_m[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(q_rows[:, None] + HALF + freq[None, :], mask=mask_m[:, None],
+                 other=0.0).to(tl.float32)
+    scale1 = tl.load(Scale_ptr + table + freq)[None, :]
+    scale2 = tl.load(Scale_ptr + table + HALF + freq)[None, :]
+    zero1 = tl.load(Zero_ptr + table + freq)[None, :]
+    zero2 = tl.load(Zero_ptr + table + HALF + freq)[None, :]
+    with_cos = tl.join((q1 * scale1).to(COMPUTE), (q2 * scale2).to(COMPUTE))
+    with_sin = tl.join((q2 * scale1).to(COMPUTE), (-q1 * scale2).to(COMPUTE))
+    with_rotation = tl.reshape(tl.permute(tl.join(with_cos, with_sin), (0, 1, 3, 2)),
+                               (BLOCK_M, 2 * HEAD_DIM))
+    with_zero = tl.reshape(tl.join((q1 * zero1 + q2 * zero2).to(COMPUTE),
+                                   (q2 * zero1 - q1 * zero2).to(COMPUTE)), (BLOCK_M, HEAD_DIM))
+    return with_rotation, with_zero
+
+
+@triton.jit
+def _kvquant_query_operands_kernel(
+    Q_ptr, stride_qb, stride_qh, stride_qt, Zero_ptr, Scale_ptr, QOp_ptr,
+    num_kv_heads, num_query_tokens, group_size, num_m_blocks,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """QOp[b, h, m_block] = (with_rotation | with_zero) [BLOCK_M, 3D] of `_query_operands`, once
+    per call, so the score kernel's head loop loads them instead of rebuilding them per tile."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // num_kv_heads).to(tl.int64)
+    kv_head = pid_bh % num_kv_heads
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rows < group_size * num_query_tokens
+    with_rotation, with_zero = _query_operands(
+        Q_ptr, stride_qb, stride_qh, stride_qt, Zero_ptr, Scale_ptr, batch, kv_head, rows,
+        mask_m, num_query_tokens, group_size, HEAD_DIM, BLOCK_M, COMPUTE)
+    out_row = QOp_ptr + (pid_bh.to(tl.int64) * num_m_blocks + pid_m) * (BLOCK_M * 3 * HEAD_DIM) \
+        + tl.arange(0, BLOCK_M) * (3 * HEAD_DIM)
+    tl.store(out_row[:, None] + tl.arange(0, 2 * HEAD_DIM)[None, :], with_rotation)
+    tl.store(out_row[:, None] + 2 * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], with_zero)
+
+
+@triton.jit
 def _kvquant_key_scores_kernel(
     Q_ptr, stride_qb, stride_qh, stride_qt,
     Codes_ptr, stride_cb, stride_ch, stride_ct,
     Index_ptr, Delta_ptr, stride_ob, stride_oh, stride_ot,
     Sink_ptr, stride_kb, stride_kh, stride_kt,
-    Zero_ptr, Scale_ptr, Lut_ptr, InvFreq_ptr,
+    Zero_ptr, Scale_ptr, Lut_ptr, InvFreq_ptr, QOp_ptr,
     Out_ptr, stride_sb, stride_sh, stride_sq,
     num_kv_heads, num_query_tokens, group_size, token_start, num_tokens, num_sink,
-    attention_scaling,
+    num_m_blocks, attention_scaling,
     HEAD_DIM: tl.constexpr, BITS: tl.constexpr, NUM_SLOTS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, CORRECTION_ROWS: tl.constexpr,
     HEADS: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    WORDS: tl.constexpr, COMPUTE: tl.constexpr,
+    WORDS: tl.constexpr, COMPUTE: tl.constexpr, PREPARED: tl.constexpr,
 ):
     """score[m, t] = q_m . RoPE(k^_t, t), k^ = lut[code] * scale_c + zero_c + sparse deltas;
     tokens t < num_sink read their exact fp16 key from the sink instead.
@@ -435,7 +487,9 @@ def _kvquant_key_scores_kernel(
     (a compare per element per slot) but to the stored scores afterwards (`_add_outliers`, the
     group's CORRECTION_ROWS real rows, not the padded BLOCK_M). COMPUTE: float16 for 16-bit queries
     (|q| * scale and the keys must fit fp16, as the fp16 sink and deltas already must), float32
-    (exact products, ieee dots) for float32 queries.
+    (exact products, ieee dots) for float32 queries. PREPARED: the query-side operands come
+    from QOp_ptr (`_kvquant_query_operands_kernel`, once per call) instead of being rebuilt
+    here for every tile and head.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     PAIRS: tl.constexpr = BLOCK_T * HALF // 2  # pair domain: element t * D/4 + p
@@ -466,32 +520,20 @@ def _kvquant_key_scores_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     num_rows = group_size * num_query_tokens
     mask_m = rows < num_rows
-    freq = tl.arange(0, HALF)
 
     for i in range(HEADS):
         kv_head = first_head + i
-        table = kv_head * HEAD_DIM
         query_head = kv_head * group_size + rows // num_query_tokens
-        q_rows = Q_ptr + batch * stride_qb + query_head * stride_qh + (
-            rows % num_query_tokens) * stride_qt
-        q1 = tl.load(q_rows[:, None] + freq[None, :], mask=mask_m[:, None],
-                     other=0.0).to(tl.float32)
-        q2 = tl.load(q_rows[:, None] + HALF + freq[None, :], mask=mask_m[:, None],
-                     other=0.0).to(tl.float32)
-        scale1 = tl.load(Scale_ptr + table + freq)[None, :]
-        scale2 = tl.load(Scale_ptr + table + HALF + freq)[None, :]
-        zero1 = tl.load(Zero_ptr + table + freq)[None, :]
-        zero2 = tl.load(Zero_ptr + table + HALF + freq)[None, :]
-        # query-side operands in the key operands' column order: [BLOCK_M, 2D] column
-        # 4f + 2j + h (j = 0 cos / 1 sin, key half h) and [BLOCK_M, D] column 2f + j for the
-        # zero point
-        with_cos = tl.join((q1 * scale1).to(COMPUTE), (q2 * scale2).to(COMPUTE))
-        with_sin = tl.join((q2 * scale1).to(COMPUTE), (-q1 * scale2).to(COMPUTE))
-        with_rotation = tl.reshape(tl.permute(tl.join(with_cos, with_sin), (0, 1, 3, 2)),
-                                   (BLOCK_M, 2 * HEAD_DIM))
-        with_zero = tl.reshape(tl.join((q1 * zero1 + q2 * zero2).to(COMPUTE),
-                                       (q2 * zero1 - q1 * zero2).to(COMPUTE)),
-                               (BLOCK_M, HEAD_DIM))
+        if PREPARED:  # operands built once per call by _kvquant_query_operands_kernel
+            operand_row = QOp_ptr + ((batch * num_kv_heads + kv_head) * num_m_blocks + pid_m) * (
+                BLOCK_M * 3 * HEAD_DIM) + tl.arange(0, BLOCK_M) * (3 * HEAD_DIM)
+            with_rotation = tl.load(operand_row[:, None] + tl.arange(0, 2 * HEAD_DIM)[None, :])
+            with_zero = tl.load(operand_row[:, None] + 2 * HEAD_DIM
+                                + tl.arange(0, HEAD_DIM)[None, :])
+        else:
+            with_rotation, with_zero = _query_operands(
+                Q_ptr, stride_qb, stride_qh, stride_qt, Zero_ptr, Scale_ptr, batch, kv_head,
+                rows, mask_m, num_query_tokens, group_size, HEAD_DIM, BLOCK_M, COMPUTE)
 
         code_rows = Codes_ptr + batch * stride_cb + kv_head * stride_ch + tokens * stride_ct
         pair1 = 2 * _half_pair_codes(code_rows, 0, mask_t, HEAD_DIM, BITS, WORDS, BLOCK_T)
@@ -557,12 +599,16 @@ def _heads_per_program(num_kv_heads: int, programs_per_head: int, want: int | No
 
 def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_scaling,
                bits, token_start, out, sink=None, block_t=None, num_warps=None, words=None,
-               heads_per_program=None, num_stages=None):
+               heads_per_program=None, num_stages=None, prepared_queries=True):
     """Scores of post-RoPE q [B, H_q, T_q, D] against packed pre-RoPE keys (token t at RoPE
     position t), written into out[..., token_start:T] (out: float32 [B, H_q, T_q, T]).
     sink: the exact pre-RoPE keys [B, H_kv, s, D] of tokens [0, s), used instead of their codes.
     The launch settings (block_t, num_warps, words, heads_per_program, num_stages) are for
-    benchmarks; the defaults are the fastest measured on the H100 (bench/README.md)."""
+    benchmarks; the defaults are the fastest measured on the H100 (bench/README.md).
+    prepared_queries: build the query-side dot operands (q * scale, q * zero in the key operand's
+    column order) once per call in a small kernel and load them in the head loop (default);
+    False rebuilds them for every token tile and head inside the score kernel (the first
+    version, kept to time both)."""
     batch, num_kv_heads, num_tokens, _ = codes.shape
     head_dim = q.shape[-1]
     group_size = query_group(q.shape[1], num_kv_heads)
@@ -592,19 +638,31 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
         sink, num_sink = codes, 0  # never read
     else:
         num_sink = sink.shape[2]
+    num_m_blocks = triton.cdiv(rows, block_m)
+    if prepared_queries:
+        operands = torch.empty(batch, num_kv_heads, num_m_blocks, block_m, 3 * head_dim,
+                               dtype=torch.float32 if compute == tl.float32 else torch.float16,
+                               device=q.device)
+        _kvquant_query_operands_kernel[(num_m_blocks, batch * num_kv_heads)](
+            q, q.stride(0), q.stride(1), q.stride(2), zero, scale, operands,
+            num_kv_heads, num_query_tokens, group_size, num_m_blocks,
+            HEAD_DIM=head_dim, BLOCK_M=block_m, COMPUTE=compute, num_warps=4,
+        )
+    else:
+        operands = zero  # never read
     _kvquant_key_scores_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         code_rows, code_rows.stride(0), code_rows.stride(1), code_rows.stride(2),
         index, delta, index.stride(0), index.stride(1), index.stride(2),
         sink, sink.stride(0), sink.stride(1), sink.stride(2),
-        zero, scale, lut, inv_freq,
+        zero, scale, lut, inv_freq, operands,
         out, out.stride(0), out.stride(1), out.stride(2),
         num_kv_heads, num_query_tokens, group_size, token_start, num_tokens, num_sink,
-        float(attention_scaling),
+        num_m_blocks, float(attention_scaling),
         HEAD_DIM=head_dim, BITS=bits, NUM_SLOTS=index.shape[-1], BLOCK_T=block_t, BLOCK_M=block_m,
         CORRECTION_ROWS=min(block_m, triton.next_power_of_2(rows)), HEADS=heads,
         USE_DOT=head_dim >= 16, INPUT_PRECISION=input_precision, WORDS=words, COMPUTE=compute,
-        num_warps=num_warps, num_stages=num_stages,
+        PREPARED=prepared_queries, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

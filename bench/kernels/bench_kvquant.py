@@ -41,11 +41,15 @@ CORRECTNESS_CASES = [
     (torch.float32, 128, 4, 1, 1, 524288, 4),
 ]
 # launch settings of the raw score kernel; the first is the launcher's default
+# (prepared0: the first version, query operands rebuilt per tile and head inside the kernel;
+# the default prepares them once per call, see key_scores(prepared_queries=...))
 SCORE_VARIANTS = [
     dict(block_t=128, num_warps=8),
+    dict(block_t=128, num_warps=8, prepared_queries=False),
+    dict(block_t=64, num_warps=4),
+    dict(block_t=64, num_warps=4, prepared_queries=False),
     dict(block_t=128, num_warps=8, num_stages=2),
     dict(block_t=64, num_warps=8),
-    dict(block_t=64, num_warps=4),
     dict(block_t=128, num_warps=8, heads_per_program=4),
     dict(block_t=128, num_warps=8, heads_per_program=1),
 ]
@@ -53,8 +57,9 @@ SCORE_VARIANTS = [
 
 def variant_label(variant: dict) -> str:
     names = {"block_t": "bt", "num_warps": "w", "num_stages": "stages",
-             "heads_per_program": "heads", "words": "words"}
-    return " ".join(f"{names[key]}{value}" for key, value in variant.items())
+             "heads_per_program": "heads", "words": "words", "prepared_queries": "prepared"}
+    return " ".join(f"{names[key]}{int(value) if isinstance(value, bool) else value}"
+                    for key, value in variant.items())
 
 
 def calibration_for(head_dim: int, kv_heads: int):
@@ -306,7 +311,8 @@ def main() -> None:
         base.SMOKE = True
         base.QUERY_HEADS, base.KV_HEADS, base.HEAD_DIM = 8, 2, 64
         CORRECTNESS_CASES[:] = [(torch.float32, 64, 6, 3, 2, 300, 3)]
-        SCORE_VARIANTS[:] = [dict(block_t=32, num_warps=4), dict(block_t=16, words=False)]
+        SCORE_VARIANTS[:] = [dict(block_t=32, num_warps=4), dict(block_t=16, words=False),
+                             dict(block_t=16, prepared_queries=False)]
     started = time.time()
     import triton
 

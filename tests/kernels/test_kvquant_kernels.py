@@ -152,6 +152,27 @@ def test_key_scores_of_16bit_queries_match_reference(dtype, group, bits, head_di
     torch.testing.assert_close(out, expected, rtol=1e-2, atol=2e-2 * expected.abs().mean().item())
 
 
+@pytest.mark.parametrize(("dtype", "group", "num_queries"),
+                         [(torch.bfloat16, 4, 1), (torch.float32, 3, 7)])
+def test_key_scores_prepared_queries_equal_in_kernel_queries(dtype, group, num_queries):
+    """The default (query operands prepared once per call) and the first version (rebuilt per
+    tile inside the kernel) give the same scores, bit for bit (same operations and roundings)."""
+    calibration = random_calibration(head_dim=64, num_kv_heads=2, outliers=0.02)
+    t, _, (codes, index, delta) = _packed_keys(calibration, 3, 2, 37, (group, num_queries))
+    q = torch.randn(2, 2 * group, num_queries, 64).to(dtype)
+    expected = _reference_scores(t, q, codes, index, delta, 3, 64, 37)
+    outs = []
+    for prepared in (True, False):
+        out = torch.full((2, 2 * group, num_queries, 37), float("nan"))
+        triton_kernels.key_scores(q, codes, index.to(torch.uint8), delta, t["key_zero"],
+                                  t["key_scale"], t["key_lut"], t["inv_freq"], 1.0, 3,
+                                  token_start=0, out=out, prepared_queries=prepared)
+        assert torch.isfinite(out).all()
+        assert ((out - expected).norm() / expected.norm()).item() < 2e-3
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(("num_sink", "dtype"), [(3, torch.float32), (19, torch.bfloat16)])
 def test_key_scores_read_exact_sink_keys(num_sink, dtype):
     """Sink tokens' scores come from their exact keys (19 > one 16-token tile: the sink spans
