@@ -10,7 +10,8 @@ content-derived key), so UNAVAILABLE is retried a few times with backoff; after 
 reported as `StoreUnavailable`, the one exception callers handle to fall back to recomputation.
 Records returned by `get`/`get_many`/`iter_many` are verified again here (xxh3, off the GIL), so
 nothing corrupted in transit is ever used. A record of up to `whole_record_bytes` goes as one
-message each way (PutWhole/GetWhole, and whole records in GetMany); larger ones stream in chunks.
+message each way (PutWhole, and whole records in GetMany; `get` uses GetWhole only up to
+STREAMED_GET_BYTES and streams larger records); larger ones stream in chunks.
 
 Many blocks (a prompt's prefix) come fastest through `iter_many`: it spreads them over `streams`
 GetMany calls on separate connections (gRPC's core receives them off the GIL, in parallel) and
@@ -34,6 +35,7 @@ from kvpack.kvstore import wire
 from kvpack.kvstore.protocol import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_RECORD_BYTES,
+    STREAMED_GET_BYTES,
     WHOLE_RECORD_BYTES,
 )
 from kvpack.kvstore.rpc_methods import KVStoreMethods
@@ -78,7 +80,8 @@ class KVStoreClient:
             retries: extra attempts after UNAVAILABLE / deadline exceeded.
             streams: connections `iter_many`/`get_many` spread many blocks over, in parallel (one
                 connection moves at most a few hundred MB/s through Python's gRPC).
-            whole_record_bytes: records up to this size go as one message (0: always stream).
+            whole_record_bytes: records up to this size go as one message (0: always stream); get
+                takes one message only up to protocol.STREAMED_GET_BYTES.
         """
         if streams < 1:
             raise ValueError(f"streams must be at least 1, got {streams}")
@@ -92,9 +95,14 @@ class KVStoreClient:
         self._streamed_namespaces: set[str] = set()
         self._min_rate = min_bytes_per_second
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        # A local subchannel pool per channel gives each its own TCP connection.
-        self._channels = [grpc.insecure_channel(
-            target, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)])
+        # A local subchannel pool per channel gives each its own TCP connection. Server-streaming
+        # calls (Get, GetMany) are read on the caller's thread instead of through the channel's
+        # spin thread, one hand-off less per message: a 4 MiB Get in 1 MiB chunks ~0.5 ms faster
+        # on the 2-core VM; GetMany of 1-4 MiB blocks 1-8% faster, of 64 KiB blocks over 4
+        # streams ~5% slower.
+        self._channels = [grpc.insecure_channel(target, options=[
+            *CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1),
+            (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)])
             for _ in range(streams)]
         self._stubs = [KVStoreMethods(channel) for channel in self._channels]
         self._stub = self._stubs[0]
@@ -112,10 +120,13 @@ class KVStoreClient:
                                               timeout=deadline, metadata=self._metadata))
 
     def get(self, namespace: str, block_hash: bytes) -> bytes | None:
-        if self._whole_bytes and namespace not in self._streamed_namespaces:
+        # Records up to STREAMED_GET_BYTES come in one message (GetWhole), larger ones as a Get
+        # stream of 1 MiB chunks (see protocol.STREAMED_GET_BYTES).
+        whole_bytes = min(self._whole_bytes, STREAMED_GET_BYTES)
+        if whole_bytes and namespace not in self._streamed_namespaces:
             request = kvstore_pb2.GetWholeRequest(namespace=namespace, block_hash=block_hash,
-                                                  max_bytes=self._whole_bytes)
-            deadline = self._timeout + self._whole_bytes / self._min_rate
+                                                  max_bytes=whole_bytes)
+            deadline = self._timeout + whole_bytes / self._min_rate
             chunk = self._call(lambda: self._stub.get_whole(request, timeout=deadline,
                                                             metadata=self._metadata))
             if not chunk.found:
@@ -124,8 +135,7 @@ class KVStoreClient:
                 return _verified(bytes(chunk.data), namespace)
             self._streamed_namespaces.add(namespace)  # too large for one message
         request = kvstore_pb2.GetRequest(namespace=namespace, block_hash=block_hash)
-        blocks = self._call(lambda: self._receive(self._stub.get, request, 1))
-        return _verified(blocks[0], namespace)
+        return _verified(self._call(lambda: self._receive(request)), namespace)
 
     def get_many(self, namespace: str, hashes: list[bytes]) -> list[bytes | None]:
         """Several blocks in one call, in order; None for each miss (or corrupt block)."""
@@ -191,16 +201,21 @@ class KVStoreClient:
                 namespace if first else "", block_hash if first else b"",
                 len(view) if first else 0, offset, view[offset : offset + self._chunk_bytes])
 
-    def _receive(self, method, request, count: int) -> list[bytes | None]:
-        """Reassemble the chunks of `count` blocks (in order, each announced by total_bytes)."""
-        blocks: list[bytes | None] = [None] * count
+    def _receive(self, request) -> bytes | None:
+        """The record of a Get stream, None for a miss. Returns as soon as the record is whole
+        instead of waiting for the call's trailing status (0.1-0.3 ms of a 4 MiB Get on the
+        2-core VM), then cancels the call, a no-op if it already ended: the service sends a record
+        only after verifying it, and the caller checks its checksum again."""
         # The deadline must cover the transfer, whose size is learnt only from the chunks: allow
-        # the largest record a server accepts by default, per block.
-        deadline = self._timeout + count * DEFAULT_MAX_RECORD_BYTES / self._min_rate
-        call = method(request, timeout=deadline, metadata=self._metadata)
-        for index, data in _assembled(call, count, self.target):
-            blocks[index] = bytes(data)
-        return blocks
+        # the largest record a server accepts by default.
+        deadline = self._timeout + DEFAULT_MAX_RECORD_BYTES / self._min_rate
+        call = self._stub.get(request, timeout=deadline, metadata=self._metadata)
+        try:
+            for _, data in _assembled(call, 1, self.target):
+                return bytes(data)
+            return None  # a miss
+        finally:
+            call.cancel()
 
     def _call(self, attempt: Callable[[], T]) -> T:
         for attempt_index in range(self._retries + 1):

@@ -5,10 +5,17 @@ from kvpack.common.grpc_server import MAX_MESSAGE_BYTES
 # Chunks of the streaming Put/Get: just under gRPC's default 4 MiB receive limit, so clients with
 # default settings still read every chunk; large chunks keep Python's per-message overhead small.
 DEFAULT_CHUNK_BYTES = (4 << 20) - (64 << 10)
-# Records up to this size travel as one message each way (PutWhole/GetWhole) from the Python client:
-# a stream pays thread hand-offs per message, and on loopback one message moved 4-32 MiB at least as
-# fast as a stream of 1-16 MiB chunks. Larger records stream, so they stay under message limits.
+# Records up to this size travel as one message each way (PutWhole; whole records in GetMany) from
+# the Python client: a stream read through the channel's spin thread pays thread hand-offs per
+# message, and on loopback one message moved 4-32 MiB at least as fast as a stream of 1-16 MiB
+# chunks. Larger records stream, so they stay under message limits. (get: STREAMED_GET_BYTES.)
 WHOLE_RECORD_BYTES = 32 << 20
+# KVStoreClient.get fetches a record larger than this with the streaming Get (1 MiB chunks, read on
+# the caller's thread) instead of GetWhole, learning per namespace which records are larger (blocks
+# of one namespace have one size). 2-core VM, Redis backend: at 4 MiB the stream was 14% faster
+# than one message in 4 MiB-only bench runs (within the spread of full runs); at 1 MiB and below
+# one message was 15-20% faster (bench/results/kvstore_get_ab_vm_cpu.json, bench/README.md).
+STREAMED_GET_BYTES = 2 << 20
 # Largest record GetWhole sends in one message, whatever the caller asks: room for the framing under
 # the message limit both ends set (kvpack.common.grpc_server.CHANNEL_OPTIONS).
 MAX_WHOLE_RECORD_BYTES = MAX_MESSAGE_BYTES - (64 << 10)

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from kvpack.common.grpc_server import CHANNEL_OPTIONS
 from kvpack.kvstore.client import KVStoreClient
+from kvpack.kvstore.servicer import GET_CHUNK_BYTES
 from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
 from support.blocks import chain, random_record
 
@@ -66,7 +67,8 @@ def test_get_whole_sends_a_record_only_up_to_max_bytes(kvstore, stub):
                                                       max_bytes=8 << 20))
     assert whole.found and whole.total_bytes == len(whole.data) and whole.data == data
     chunks = list(stub.Get(kvstore_pb2.GetRequest(namespace="ns", block_hash=block_hash)))
-    assert len(chunks) == 2 and b"".join(chunk.data for chunk in chunks) == data
+    assert len(chunks) == -(-len(data) // GET_CHUNK_BYTES)  # Get streams GET_CHUNK_BYTES chunks
+    assert b"".join(chunk.data for chunk in chunks) == data
     miss = stub.GetWhole(kvstore_pb2.GetWholeRequest(namespace="other", block_hash=block_hash))
     assert not miss.found and miss.data == b""
     stats = stub.Stats(kvstore_pb2.StatsRequest())
