@@ -52,12 +52,19 @@ SCORE_VARIANTS = [
     dict(block_t=64, num_warps=8),
     dict(block_t=128, num_warps=8, heads_per_program=4),
     dict(block_t=128, num_warps=8, heads_per_program=1),
+    # v3: key operand built in the dot's register layout (byte-permute lookups, no shared-memory
+    # layout conversions), 128-register cap; defaults bt64 w4
+    dict(version=3),
+    dict(version=3, block_t=128, num_warps=8),
+    dict(version=3, maxnreg=None),
+    dict(version=3, heads_per_program=4),
 ]
 
 
 def variant_label(variant: dict) -> str:
     names = {"block_t": "bt", "num_warps": "w", "num_stages": "stages",
-             "heads_per_program": "heads", "words": "words", "prepared_queries": "prepared"}
+             "heads_per_program": "heads", "words": "words", "prepared_queries": "prepared",
+             "version": "v", "maxnreg": "maxnreg"}
     return " ".join(f"{names[key]}{int(value) if isinstance(value, bool) else value}"
                     for key, value in variant.items())
 
@@ -112,6 +119,15 @@ def check_correctness(device) -> dict:
             label = "words" if words else "bytes"
             case[f"score_all_written_{label}"] = bool(torch.isfinite(out).all().item())
             case[f"score_rel_err_{label}"] = rel_err(out[..., 1:], expected[..., 1:])
+        if kvquant_triton.v3_fits(q, head_dim, bits):
+            out = torch.full((2, hq, tq, tokens), float("nan"), device=device)
+            out[..., :1] = 0
+            kvquant_triton.key_scores(q, used_slow["codes"], used_slow["outlier_index"],
+                                      used_slow["outlier_delta"], t["key_zero"], t["key_scale"],
+                                      t["key_lut"], t["inv_freq"], 1.0, bits, token_start=1,
+                                      out=out, version=3)
+            case["score_all_written_v3"] = bool(torch.isfinite(out).all().item())
+            case["score_rel_err_v3"] = rel_err(out[..., 1:], expected[..., 1:])
         exact = reference.scores(q, reference.apply_rope(k, torch.arange(tokens, device=device),
                                                          t["inv_freq"], 1.0))
         case["codec_score_rel_err_vs_exact"] = rel_err(fast.key_scores(q, keys_fast), exact)

@@ -1,6 +1,6 @@
 """Offline SASS instruction counts of the KVQuant key-score kernel for an H100 (sm_90), no GPU.
 
-Compiles `_kvquant_key_scores_kernel` (or the `_kvquant_key_scores_v2_kernel`) with the GPU
+Compiles `_kvquant_key_scores_kernel` (v1/v2) and `_kvquant_key_scores_v3_kernel` with the GPU
 machine's Triton (3.6) for GPUTarget("cuda", 90, 32), disassembles the cubin with the bundled
 cuobjdump, and counts SASS instructions per program (one BLOCK_T-token tile of HEADS KV heads):
 the loop bodies found from backward branches times their trip counts, plus the straight-line
@@ -73,7 +73,8 @@ def _source(fn, pointer_types: dict, constexprs: dict) -> ASTSource:
 
 
 def variants():
-    """(label, kernel, constexprs, num_warps, block_t) of every design counted."""
+    """(label, kernel, constexprs, num_warps, block_t, maxnreg) of every design counted (maxnreg:
+    the ptxas register cap the launcher passes, None: uncapped)."""
     base = dict(HEAD_DIM=HEAD_DIM, BITS=BITS, NUM_SLOTS=NUM_SLOTS, BLOCK_T=128, BLOCK_M=16,
                 CORRECTION_ROWS=GROUP, HEADS=8, USE_DOT=True, INPUT_PRECISION="tf32", WORDS=True,
                 COMPUTE=tl.float16)
@@ -83,14 +84,22 @@ def variants():
                            (True, "v2 prepared queries")):
         for block_t, warps in ((128, 8), (64, 4)):
             out.append((f"{name} bt{block_t} w{warps}", fn,
-                        dict(base, BLOCK_T=block_t, PREPARED=prepared), warps, block_t))
+                        dict(base, BLOCK_T=block_t, PREPARED=prepared), warps, block_t, None))
+    v3 = dict(NUM_SLOTS=NUM_SLOTS, BLOCK_M=16, CORRECTION_ROWS=GROUP, HEADS=8, PRMT=True)
+    for block_t, warps in ((64, 4), (128, 8)):
+        for cap in (kq.V3_MAXNREG, None):
+            out.append((f"v3 register operand bt{block_t} w{warps} maxnreg {cap}",
+                        kq._kvquant_key_scores_v3_kernel, dict(v3, BLOCK_T=block_t), warps,
+                        block_t, cap))
     return out
 
 
-def compile_sass(fn, constexprs, num_warps, dump: Path | None, label: str):
+def compile_sass(fn, constexprs, num_warps, dump: Path | None, label: str, maxnreg=None):
     src = _source(fn, POINTERS, constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=1))
+    options = dict(num_warps=num_warps, num_stages=1)
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -145,12 +154,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump", type=Path, default=None, help="write .sass/.ttgir here")
     parser.add_argument("--only", default="", help="substring of the variant labels to count")
+    parser.add_argument("--maxnreg", type=int, default=None, help="ptxas register cap")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, target sm_90; counts are offline SASS, not GPU time")
-    for label, fn, constexprs, warps, block_t in variants():
+    for label, fn, constexprs, warps, block_t, cap in variants():
         if args.only not in label:
             continue
-        compiled, sass = compile_sass(fn, constexprs, warps, args.dump, label)
+        compiled, sass = compile_sass(fn, constexprs, warps, args.dump, label,
+                                      args.maxnreg or cap)
         rows = parse(sass)
         spans = sorted(loops(rows), key=lambda s: s[0])
         print(f"\n== {label}: regs {compiled.regs} stack(spill) {compiled.stack} B "
@@ -166,7 +177,12 @@ def main():
         if inner:
             n = sum(1 for a, _, _ in rows if inner[0] <= a <= inner[1])
             bars = sum(1 for a, op, _ in rows if inner[0] <= a <= inner[1] and op.startswith("BAR"))
-            print(f"  head loop (one KV head x {block_t} tokens): {n} SASS per thread, {bars} BAR; "
+            shared = sum(1 for a, op, _ in rows if inner[0] <= a <= inner[1]
+                         and op.split(".")[0] in ("LDS", "STS", "LDSM", "STSM"))
+            local = sum(1 for a, op, _ in rows if inner[0] <= a <= inner[1]
+                        and op.split(".")[0] in ("LDL", "STL"))
+            print(f"  head loop (one KV head x {block_t} tokens): {n} SASS per thread, {bars} BAR, "
+                  f"{shared} shared ld/st, {local} spill ld/st; "
                   f"{n * warps * 32 / elements:.2f} thread-instructions per key element")
         outside = [r for r in rows if not any(s <= r[0] <= e for s, e in spans)]
         print(f"  outside loops: {len(outside)} static (prologue, sin/cos, outliers, sink branch)")
