@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(base.REPO / "tests"))
 from kvpack.kernels import kvquant_reference as reference  # noqa: E402
-from kvpack.kernels import kvquant_triton, make_codec  # noqa: E402
+from kvpack.kernels import kvquant_scores_v3_triton, kvquant_triton, make_codec  # noqa: E402
 from support.kvquant import keys_like, random_calibration, values_like  # noqa: E402
 
 BITS = (2, 3, 4)
@@ -40,24 +40,23 @@ CORRECTNESS_CASES = [
     (torch.bfloat16, 128, 8, 2, 1, 524288, 3),  # RoPE angles of 512K-token positions
     (torch.float32, 128, 4, 1, 1, 524288, 4),
 ]
-# launch settings of the raw score kernel; the first is the launcher's default
-# (prepared0: the first version, query operands rebuilt per tile and head inside the kernel;
-# the default prepares them once per call, see key_scores(prepared_queries=...))
+# launch settings of the raw score kernel; the first is the launcher's default for 2 and 4 bits
+# (version 2, decode row tile), version 3 is its default for 3 bits (head_dim 128, 16-bit queries).
+# prepared0: version 2's first form, query operands rebuilt per tile and head inside the kernel
+# (the default prepares them once per call, see key_scores(prepared_queries=...)).
 SCORE_VARIANTS = [
-    dict(block_t=128, num_warps=8),
-    dict(block_t=128, num_warps=8, prepared_queries=False),
-    dict(block_t=64, num_warps=4),
-    dict(block_t=64, num_warps=4, prepared_queries=False),
-    dict(block_t=128, num_warps=8, num_stages=2),
-    dict(block_t=64, num_warps=8),
-    dict(block_t=128, num_warps=8, heads_per_program=4),
-    dict(block_t=128, num_warps=8, heads_per_program=1),
+    dict(version=2, block_t=64, num_warps=4),
     # v3: key operand built in the dot's register layout (byte-permute lookups, no shared-memory
     # layout conversions), 128-register cap; defaults bt64 w4
     dict(version=3),
     dict(version=3, block_t=128, num_warps=8),
     dict(version=3, maxnreg=None),
     dict(version=3, heads_per_program=4),
+    dict(version=2, block_t=64, num_warps=4, prepared_queries=False),
+    dict(version=2, block_t=128, num_warps=8),
+    dict(version=2, block_t=128, num_warps=8, prepared_queries=False),
+    dict(version=2, block_t=128, num_warps=8, num_stages=2),
+    dict(version=2, block_t=128, num_warps=8, heads_per_program=4),
 ]
 
 
@@ -119,7 +118,7 @@ def check_correctness(device) -> dict:
             label = "words" if words else "bytes"
             case[f"score_all_written_{label}"] = bool(torch.isfinite(out).all().item())
             case[f"score_rel_err_{label}"] = rel_err(out[..., 1:], expected[..., 1:])
-        if kvquant_triton.v3_fits(q, head_dim, bits):
+        if kvquant_scores_v3_triton.v3_fits(q, head_dim, bits):
             out = torch.full((2, hq, tq, tokens), float("nan"), device=device)
             out[..., :1] = 0
             kvquant_triton.key_scores(q, used_slow["codes"], used_slow["outlier_index"],
@@ -327,8 +326,9 @@ def main() -> None:
         base.SMOKE = True
         base.QUERY_HEADS, base.KV_HEADS, base.HEAD_DIM = 8, 2, 64
         CORRECTNESS_CASES[:] = [(torch.float32, 64, 6, 3, 2, 300, 3)]
-        SCORE_VARIANTS[:] = [dict(block_t=32, num_warps=4), dict(block_t=16, words=False),
-                             dict(block_t=16, prepared_queries=False)]
+        SCORE_VARIANTS[:] = [dict(version=2, block_t=32, num_warps=4),
+                             dict(version=2, block_t=16, words=False),
+                             dict(version=2, block_t=16, prepared_queries=False)]
     started = time.time()
     import triton
 

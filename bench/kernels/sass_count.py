@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels  # noqa: E402,F401  (sets up kvpack.kernels from the checkout)
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from kvpack.kernels import kvquant_scores_v3_triton as kq3  # noqa: E402
 from kvpack.kernels import kvquant_triton as kq  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -89,7 +90,7 @@ def variants():
     for block_t, warps in ((64, 4), (128, 8)):
         for cap in (kq.V3_MAXNREG, None):
             out.append((f"v3 register operand bt{block_t} w{warps} maxnreg {cap}",
-                        kq._kvquant_key_scores_v3_kernel, dict(v3, BLOCK_T=block_t), warps,
+                        kq3._kvquant_key_scores_v3_kernel, dict(v3, BLOCK_T=block_t), warps,
                         block_t, cap))
     return out
 
