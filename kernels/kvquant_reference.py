@@ -1,4 +1,5 @@
-"""KVQuant in plain PyTorch: the executable spec that the Triton kernels in `kvquant_triton.py` are
+"""KVQuant in plain PyTorch: the executable spec that the Triton kernels in `kvquant_triton.py`
+(pack, key scores version 2, values) and `kvquant_scores_v3_triton.py` (key scores version 3) are
 tested against, and the CPU path of the `kvquant` codec.
 
 Quantization (research/kvquant.md §1.2-1.5):
