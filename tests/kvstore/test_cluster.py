@@ -9,11 +9,11 @@ def test_blocks_spread_over_the_cluster_and_round_trip(redis_cluster, kvstore_fa
     hashes = chain(40)
     records = [random_record("ns", 3000 + i) for i in range(40)]
     with KVStoreClient(server.address) as client:
-        for block_hash, data in zip(hashes, records):
+        for block_hash, data in zip(hashes, records, strict=True):
             client.put("ns", block_hash, data)
         assert client.match("ns", hashes) == 40
         assert client.match("other", hashes) == 0
-        for block_hash, data in zip(hashes, records):
+        for block_hash, data in zip(hashes, records, strict=True):
             assert client.get("ns", block_hash) == data
         assert client.delete("ns", hashes[5]) is True
         assert client.match("ns", hashes) == 5

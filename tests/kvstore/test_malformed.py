@@ -68,7 +68,7 @@ def test_put_stream_defects_store_nothing(stub):
         "data: checksum": [kvstore_pb2.PutChunk(**first, data=data[:-1] + bytes([data[-1] ^ 1]))],
     }
     for expected, chunks in cases.items():
-        code, details = _status(lambda: _put(stub, chunks))
+        code, details = _status(lambda chunks=chunks: _put(stub, chunks))
         assert code is grpc.StatusCode.INVALID_ARGUMENT, expected
         assert expected in details, (expected, details)
     assert _stored_blocks(stub) == 0

@@ -16,7 +16,7 @@ from support.blocks import chain, random_record
 def _records(client, count, sizes=(100, 5_000_000, 70_000)):
     hashes = chain(count, salt=count)
     records = [random_record("ns", sizes[i % len(sizes)] + i) for i in range(count)]
-    for block_hash, data in zip(hashes, records):
+    for block_hash, data in zip(hashes, records, strict=True):
         client.put("ns", block_hash, data)
     return hashes, records
 
@@ -42,7 +42,7 @@ def test_get_many_sends_whole_records_when_asked(store):
     hashes = chain(2, salt=7)
     records = [random_record("ns", 6 << 20), random_record("ns", 10)]
     with KVStoreClient(store.address) as client:
-        for block_hash, data in zip(hashes, records):
+        for block_hash, data in zip(hashes, records, strict=True):
             client.put("ns", block_hash, data)
     channel = grpc.insecure_channel(store.address, options=CHANNEL_OPTIONS)
     stub = kvstore_pb2_grpc.KVStoreStub(channel)
@@ -83,8 +83,8 @@ def test_leaving_early_cancels_the_streams(redis_server, kvstore_factory):
                 break
         # every stream thread is free again: the three of them run three jobs at once
         barrier = threading.Barrier(3, timeout=5)
-        assert [f.result(timeout=5) for f in
-                [client._pool.submit(barrier.wait) for _ in range(3)]] is not None
+        waits = [client._pool.submit(barrier.wait) for _ in range(3)]
+        assert sorted(f.result(timeout=5) for f in waits) == [0, 1, 2]
         assert client.get_many("ns", hashes) == records
 
 

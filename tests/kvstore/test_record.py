@@ -62,7 +62,7 @@ def test_block_hashes_chain_and_only_cover_full_blocks():
     assert block_hashes(tokens[:512], 256) == hashes[:2]  # a prefix has the prefix's hashes
     changed = tokens.copy()
     changed[10] += 1  # one token in block 0 changes every later hash (chaining)
-    assert all(a != b for a, b in zip(block_hashes(changed, 256), hashes))
+    assert all(a != b for a, b in zip(block_hashes(changed, 256), hashes, strict=True))
     changed = tokens.copy()
     changed[600] += 1
     assert block_hashes(changed, 256)[:2] == hashes[:2]

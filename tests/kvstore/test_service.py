@@ -53,10 +53,10 @@ def test_many_client_threads_at_once(store):
             with KVStoreClient(store.address) as client:
                 hashes = chain(20, salt=thread_index)
                 records = [random_record("ns", 2000 + i) for i in range(20)]
-                for block_hash, data in zip(hashes, records):
+                for block_hash, data in zip(hashes, records, strict=True):
                     client.put("ns", block_hash, data)
                 assert client.match("ns", hashes) == 20
-                for block_hash, data in zip(hashes, records):
+                for block_hash, data in zip(hashes, records, strict=True):
                     assert client.get("ns", block_hash) == data
         except Exception as error:  # collected and asserted below
             errors.append(error)

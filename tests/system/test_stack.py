@@ -153,7 +153,7 @@ def test_every_dashboard_panel_returns_data(stack):
     for panel in panels:
         for target in panel["targets"]:
             try:
-                wait_for(lambda: prometheus.query(target["expr"]), timeout_seconds=20)
+                wait_for(lambda expr=target["expr"]: prometheus.query(expr), timeout_seconds=20)
             except TimeoutError:
                 empty.append(f"{panel['title']}: {target['expr']}")
     assert empty == []

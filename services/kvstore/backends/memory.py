@@ -49,7 +49,7 @@ class MemoryBackend(Backend):
     def exists(self, keys: list[str]) -> list[bool]:
         with self._lock:
             present = [self._live(key) is not None for key in keys]
-            for key, hit in zip(keys, present):
+            for key, hit in zip(keys, present, strict=True):
                 if hit:  # a matched block is about to be read: keep it warm
                     self._entries.move_to_end(key)
             return present
