@@ -15,7 +15,12 @@ import triton.language as tl
 
 from .codec import triton_interpret_enabled
 from .gqa import query_group
-from .kvquant_triton import _add_outliers, _heads_per_program, _sin_cos, _sink_scores
+from .kvquant_triton import (
+    _finish_tile,
+    _heads_per_program,
+    _sin_cos,
+    _store_dense_scores,
+)
 
 
 @triton.jit
@@ -246,24 +251,15 @@ def _kvquant_key_scores_v3_kernel(
         with_zero = tl.load(operand_row + 2 * HEAD_DIM + columns)
         acc = tl.dot(zero_key, tl.trans(with_zero), acc)
 
-        out_rows = Out_ptr + batch * stride_sb + query_head * stride_sh + (
-            rows % num_query_tokens) * stride_sq
-        tl.store(out_rows[None, :] + tokens[:, None], acc,
-                 mask=(mask_t & (tokens >= num_sink))[:, None] & mask_m[None, :])
+        _store_dense_scores(acc, Out_ptr, stride_sb, stride_sh, stride_sq, batch, query_head,
+                            rows, mask_m, num_query_tokens, tokens, mask_t, num_sink)
 
-    if NUM_SLOTS > 0:  # after every head's dense scores are stored (barrier: other threads')
-        tl.debug_barrier()
-        _add_outliers(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr, stride_ob,
-                      stride_oh, stride_ot, InvFreq_ptr, Out_ptr, stride_sb, stride_sh,
-                      stride_sq, batch, first_head, tokens, mask_t & (tokens >= num_sink),
-                      pid_m * BLOCK_M, num_rows, num_query_tokens, group_size,
-                      attention_scaling, HEAD_DIM, HEADS, NUM_SLOTS, CORRECTION_ROWS)
-
-    if pid_t == 0:  # the exact sink tokens of all tiles, kept out of the loop above
-        _sink_scores(Q_ptr, stride_qb, stride_qh, stride_qt, Sink_ptr, stride_kb, stride_kh,
-                     stride_kt, InvFreq_ptr, Out_ptr, stride_sb, stride_sh, stride_sq, batch,
-                     first_head, rows, mask_m, num_query_tokens, group_size, token_start,
-                     num_sink, attention_scaling, HEAD_DIM, HEADS, BLOCK_M)
+    _finish_tile(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr, stride_ob,
+                 stride_oh, stride_ot, Sink_ptr, stride_kb, stride_kh, stride_kt, InvFreq_ptr,
+                 Out_ptr, stride_sb, stride_sh, stride_sq, batch, first_head, tokens, mask_t,
+                 pid_t, pid_m, rows, mask_m, num_rows, num_query_tokens, group_size,
+                 token_start, num_sink, attention_scaling, HEAD_DIM, HEADS, NUM_SLOTS,
+                 BLOCK_M, CORRECTION_ROWS)
 
 
 

@@ -402,6 +402,41 @@ def _sink_scores(Q_ptr, stride_qb, stride_qh, stride_qt, Sink_ptr, stride_kb, st
 
 
 @triton.jit
+def _store_dense_scores(acc, Out_ptr, stride_sb, stride_sh, stride_sq, batch, query_head, rows,
+                        mask_m, num_query_tokens, tokens, mask_t, num_sink):
+    """Store one KV head's dense scores acc [BLOCK_T, BLOCK_M] (sink tokens are _sink_scores')."""
+    out_rows = Out_ptr + batch * stride_sb + query_head * stride_sh + (
+        rows % num_query_tokens) * stride_sq
+    tl.store(out_rows[None, :] + tokens[:, None], acc,
+             mask=(mask_t & (tokens >= num_sink))[:, None] & mask_m[None, :])
+
+
+@triton.jit
+def _finish_tile(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr, stride_ob,
+                 stride_oh, stride_ot, Sink_ptr, stride_kb, stride_kh, stride_kt, InvFreq_ptr,
+                 Out_ptr, stride_sb, stride_sh, stride_sq, batch, first_head, tokens, mask_t,
+                 pid_t, pid_m, rows, mask_m, num_rows, num_query_tokens, group_size,
+                 token_start, num_sink, attention_scaling, HEAD_DIM: tl.constexpr,
+                 HEADS: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 CORRECTION_ROWS: tl.constexpr):
+    """After a score kernel stored every head's dense scores of its tile: add the sparse
+    outliers to them, and (first tile only) write the exact sink tokens' scores."""
+    if NUM_SLOTS > 0:  # after every head's dense scores are stored (barrier: other threads')
+        tl.debug_barrier()
+        _add_outliers(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr, stride_ob,
+                      stride_oh, stride_ot, InvFreq_ptr, Out_ptr, stride_sb, stride_sh,
+                      stride_sq, batch, first_head, tokens, mask_t & (tokens >= num_sink),
+                      pid_m * BLOCK_M, num_rows, num_query_tokens, group_size,
+                      attention_scaling, HEAD_DIM, HEADS, NUM_SLOTS, CORRECTION_ROWS)
+
+    if pid_t == 0:  # the exact sink tokens of all tiles, kept out of the tile loop
+        _sink_scores(Q_ptr, stride_qb, stride_qh, stride_qt, Sink_ptr, stride_kb, stride_kh,
+                     stride_kt, InvFreq_ptr, Out_ptr, stride_sb, stride_sh, stride_sq, batch,
+                     first_head, rows, mask_m, num_query_tokens, group_size, token_start,
+                     num_sink, attention_scaling, HEAD_DIM, HEADS, BLOCK_M)
+
+
+@triton.jit
 def _query_operands(Q_ptr, stride_qb, stride_qh, stride_qt, Zero_ptr, Scale_ptr, batch, kv_head,
                     rows, mask_m, num_query_tokens, group_size, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, COMPUTE: tl.constexpr):
@@ -548,24 +583,15 @@ def _kvquant_key_scores_kernel(
         acc = _matmul_nt(rotated, with_rotation, USE_DOT, INPUT_PRECISION)
         acc += _matmul_nt(zero_key, with_zero, USE_DOT, INPUT_PRECISION)
 
-        out_rows = Out_ptr + batch * stride_sb + query_head * stride_sh + (
-            rows % num_query_tokens) * stride_sq
-        tl.store(out_rows[None, :] + tokens[:, None], acc,
-                 mask=(mask_t & (tokens >= num_sink))[:, None] & mask_m[None, :])
+        _store_dense_scores(acc, Out_ptr, stride_sb, stride_sh, stride_sq, batch, query_head,
+                            rows, mask_m, num_query_tokens, tokens, mask_t, num_sink)
 
-    if NUM_SLOTS > 0:  # after every head's dense scores are stored (barrier: other threads')
-        tl.debug_barrier()
-        _add_outliers(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr, stride_ob,
-                      stride_oh, stride_ot, InvFreq_ptr, Out_ptr, stride_sb, stride_sh,
-                      stride_sq, batch, first_head, tokens, mask_t & (tokens >= num_sink),
-                      pid_m * BLOCK_M, num_rows, num_query_tokens, group_size,
-                      attention_scaling, HEAD_DIM, HEADS, NUM_SLOTS, CORRECTION_ROWS)
-
-    if pid_t == 0:  # the exact sink tokens of all tiles, kept out of the loop above
-        _sink_scores(Q_ptr, stride_qb, stride_qh, stride_qt, Sink_ptr, stride_kb, stride_kh,
-                     stride_kt, InvFreq_ptr, Out_ptr, stride_sb, stride_sh, stride_sq, batch,
-                     first_head, rows, mask_m, num_query_tokens, group_size, token_start,
-                     num_sink, attention_scaling, HEAD_DIM, HEADS, BLOCK_M)
+    _finish_tile(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr, stride_ob,
+                 stride_oh, stride_ot, Sink_ptr, stride_kb, stride_kh, stride_kt, InvFreq_ptr,
+                 Out_ptr, stride_sb, stride_sh, stride_sq, batch, first_head, tokens, mask_t,
+                 pid_t, pid_m, rows, mask_m, num_rows, num_query_tokens, group_size,
+                 token_start, num_sink, attention_scaling, HEAD_DIM, HEADS, NUM_SLOTS,
+                 BLOCK_M, CORRECTION_ROWS)
 
 
 
