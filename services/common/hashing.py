@@ -1,8 +1,8 @@
 """Stable chained block hashes of token ids (DESIGN.md "Block identity").
 
 hash_0 = blake2b(ROOT || tokens_0), hash_i = blake2b(hash_{i-1} || tokens_i), tokens as uint32
-little-endian, keyed with a fixed personalisation string. Only full blocks are hashed. Every process,
-restart and replica computes the same hashes; Python's hash() would not.
+little-endian, keyed with a fixed personalisation string. Only full blocks are hashed. Every
+process, restart and replica computes the same hashes; Python's hash() would not.
 """
 
 from __future__ import annotations

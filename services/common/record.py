@@ -5,13 +5,15 @@ Layout (little-endian):
     magic    4 bytes   b"KVPB"
     version  u16       RECORD_VERSION
     hlen     u32       length of the JSON header
-    header   hlen      canonical JSON: namespace fingerprint, codec, dtype, shapes, bits, token count, ...
+    header   hlen      canonical JSON: namespace fingerprint, codec, dtype, shapes, bits,
+                       token count, ...
     plen     u64       length of the payload
     payload  plen      codec bytes (KVCodec.to_bytes), opaque to the store
     checksum 16 bytes  xxh3-128 of everything above
 
 One record is one Redis value, so a block can never be half-written or split from its metadata.
-A record that fails any check is rejected as a whole: `RecordError` is the only error `decode` raises.
+A record that fails any check is rejected as a whole: `RecordError` is the only error `decode`
+raises.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def verify(data: bytes | memoryview, namespace: str | None = None, *,
     (payload_len,) = _PAYLOAD_LEN.unpack_from(view, payload_len_at)
     body_len = payload_len_at + _PAYLOAD_LEN.size + payload_len
     if body_len + CHECKSUM_BYTES != len(view):
-        raise RecordError(f"length mismatch: header says {body_len + CHECKSUM_BYTES}, got {len(view)}")
+        raise RecordError(
+            f"length mismatch: header says {body_len + CHECKSUM_BYTES}, got {len(view)}")
     if checksum and xxhash.xxh3_128_digest(view[:body_len]) != bytes(view[body_len:]):
         raise RecordError("checksum mismatch")
     try:
@@ -95,7 +98,8 @@ def verify(data: bytes | memoryview, namespace: str | None = None, *,
         header = RecordHeader(**fields)
     except (ValueError, TypeError) as error:
         raise RecordError(f"unreadable header: {error}") from None
-    if namespace is not None and header.namespace_fingerprint != namespace_fingerprint(namespace).hex():
+    if (namespace is not None
+            and header.namespace_fingerprint != namespace_fingerprint(namespace).hex()):
         raise RecordError("record belongs to another namespace")
     return header
 

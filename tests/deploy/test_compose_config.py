@@ -1,4 +1,6 @@
-"""The compose stack, checked without a Docker engine: valid, and wired to flags and metrics that exist."""
+"""The compose stack, checked without a Docker engine: valid, and wired to flags and metrics that
+exist.
+"""
 
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ def long_options(*command: str) -> set[str]:
 
 def dockerfile_instructions(service: str) -> list[tuple[str, str]]:
     parser = DockerfileParser(path=str(DOCKERFILES[service]))
-    return [(i["instruction"], i["value"]) for i in parser.structure if i["instruction"] != "COMMENT"]
+    return [(i["instruction"], i["value"]) for i in parser.structure
+            if i["instruction"] != "COMMENT"]
 
 
 def test_compose_file_is_valid_with_and_without_the_gpu_profile():
@@ -126,7 +129,8 @@ def test_kvstore_image_installs_no_torch():
                 if instruction == "RUN"]
     assert installs and all("torch" not in line and "[inference]" not in line for line in installs)
     result = subprocess.run(  # and the kvstore CLI really works without torch importable
-        [sys.executable, "-c", "import sys; sys.modules['torch'] = None; sys.modules['triton'] = None;"
+        [sys.executable, "-c",
+         "import sys; sys.modules['torch'] = None; sys.modules['triton'] = None;"
          "from kvpack.cli import main; main(['kvstore', 'serve', '--help'])"],
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -41,8 +41,10 @@ def stack(engine):
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            containers = engine.containers.list(filters={"label": "com.docker.compose.project=kvpacktest"})
-            health = {c.labels["com.docker.compose.service"]: c.attrs["State"].get("Health", {}).get("Status")
+            containers = engine.containers.list(
+                filters={"label": "com.docker.compose.project=kvpacktest"})
+            health = {c.labels["com.docker.compose.service"]:
+                      c.attrs["State"].get("Health", {}).get("Status")
                       for c in containers}
             if all(health.get(name) == "healthy" for name in ("redis", "kvstore", "inference")):
                 break

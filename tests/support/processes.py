@@ -94,9 +94,11 @@ class RedisCluster:
     """Three masters with cluster mode on, joined by `redis-cli --cluster create`."""
 
     def __init__(self, workdir: Path, masters: int = 3):
-        self.nodes = [RedisServer(workdir / f"node{i}", port=free_port(cluster_bus=True), extra_args=(
-            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-            "--cluster-node-timeout", "2000")) for i in range(masters)]
+        self.nodes = [
+            RedisServer(workdir / f"node{i}", port=free_port(cluster_bus=True), extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "2000"))
+            for i in range(masters)]
 
     @property
     def url(self) -> str:

@@ -64,7 +64,8 @@ def generate(stub, prompt: str, tenant: str, max_new_tokens: int = 12) -> tuple[
         text.append(response.text)
         if response.HasField("usage"):
             usage = response.usage
-    return "".join(text), {"cached_tokens": usage.cached_tokens, "prompt_tokens": usage.prompt_tokens}
+    return "".join(text), {"cached_tokens": usage.cached_tokens,
+                           "prompt_tokens": usage.prompt_tokens}
 
 
 def generate_reused(stub, prompt: str, tenant: str) -> tuple[str, dict]:
@@ -86,7 +87,8 @@ def test_prefix_hits_happen_only_within_a_tenant(stack):
     # A second session of tenant A shares the prefix; tenant B asks the same prompt.
     text_a2, usage_a2 = generate_reused(stub, STORY + " Her mom smiled.", "tenant-a")
     assert usage_a2["cached_tokens"] % BLOCK_TOKENS == 0
-    assert usage_a2["cached_tokens"] >= (usage_a1["prompt_tokens"] // BLOCK_TOKENS - 1) * BLOCK_TOKENS
+    assert usage_a2["cached_tokens"] >= (
+        (usage_a1["prompt_tokens"] // BLOCK_TOKENS - 1) * BLOCK_TOKENS)
     text_b, usage_b = generate(stub, STORY, "tenant-b")
     assert usage_b["cached_tokens"] == 0
     assert text_b == text_a1  # greedy: reuse never changes the output

@@ -16,7 +16,8 @@ def test_up_serves_generate_and_stops_cleanly_on_ctrl_c(tmp_path, shared_data):
              ("kvstore", "inference", "kvstore-metrics", "inference-metrics", "prometheus")}
     output = tmp_path / "up.out"
     process = subprocess.Popen(
-        [sys.executable, "-m", "kvpack", "up", "--model", str(shared_data / "models" / "stories260K"),
+        [sys.executable, "-m", "kvpack", "up",
+         "--model", str(shared_data / "models" / "stories260K"),
          "--method", "fp16", "--run-dir", str(tmp_path / "run"),
          "--kvstore-port", str(ports["kvstore"]), "--inference-port", str(ports["inference"]),
          "--kvstore-metrics-port", str(ports["kvstore-metrics"]),
@@ -30,7 +31,8 @@ def test_up_serves_generate_and_stops_cleanly_on_ctrl_c(tmp_path, shared_data):
         text = output.read_text()
         assert f"127.0.0.1:{ports['inference']}" in text and "kvstore" in text
         result = subprocess.run(
-            [sys.executable, "-m", "kvpack", "generate", "--target", f"127.0.0.1:{ports['inference']}",
+            [sys.executable, "-m", "kvpack", "generate",
+             "--target", f"127.0.0.1:{ports['inference']}",
              "--max-new-tokens", "8", "--json", "Once upon a time"],
             capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
