@@ -49,14 +49,18 @@ class GetRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., block_hash: _Optional[bytes] = ...) -> None: ...
 
 class GetWholeRequest(_message.Message):
-    __slots__ = ("namespace", "block_hash", "max_bytes")
+    __slots__ = ("namespace", "block_hash", "max_bytes", "offset", "length")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     block_hash: bytes
     max_bytes: int
-    def __init__(self, namespace: _Optional[str] = ..., block_hash: _Optional[bytes] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+    offset: int
+    length: int
+    def __init__(self, namespace: _Optional[str] = ..., block_hash: _Optional[bytes] = ..., max_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class GetManyRequest(_message.Message):
     __slots__ = ("namespace", "block_hashes", "max_chunk_bytes")

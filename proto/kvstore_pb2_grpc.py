@@ -121,6 +121,8 @@ class KVStoreServicer:
     def GetWhole(self, request, context):
         """The whole record in one GetChunk if it is at most `max_bytes`; a larger record is answered
         found=true, total_bytes=its size and no data (fetch it with Get). A miss is found=false.
+        With a byte range (GetWholeRequest.offset/length) it answers that range of the record, so a
+        client can fetch a large record as several ranges over parallel calls.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

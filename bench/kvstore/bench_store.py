@@ -6,8 +6,9 @@ Starts its own redis-server (no persistence) on a free loopback port and two kvs
 processes, the way they are deployed (`kvpack kvstore serve`): one on that Redis, one on the memory
 backend (for reference). For each block size it runs `repeats` rounds; a round does one raw SET,
 one service Put (each backend), then one raw GET and one service Get of the same record, so the
-things compared share the machine's load at that moment. It reports the median per-operation
-throughput of each. GetMany fetches up to 256 MiB of blocks in one call (5 rounds).
+things compared share the machine's load at that moment (every other round runs them in reverse
+order). It reports the median per-operation throughput of each. GetMany fetches up to 256 MiB
+of blocks in one call (5 rounds).
 
 This process (the client of both redis-py and the service) reuses freed memory the way the service
 does (kvpack.common.allocator); `--default-allocator` measures both clients with glibc's defaults.
@@ -16,6 +17,13 @@ with redis-py's Python packer (kvpack.kvstore.backends.redis), so raw SET is als
 ("raw SET, service's packer") to show how much of Put's ratio that choice accounts for. Likewise
 the service reads a record with its own raw GET (RedisBackend.get_with_room, no reply parser), so
 raw GET is also timed that way ("raw GET, service's reader").
+
+`service_<backend>_get` is `KVStoreClient.get` as shipped: a record over STREAMED_GET_BYTES comes
+as byte ranges (at most DEFAULT_GET_RANGES of at least GET_RANGE_BYTES) fetched in parallel over
+as many connections. The same get in one call (`get_ranges=1`: a Get stream of 1 MiB chunks, the
+code before ranges) is timed in the same rounds as `service_<backend>_get_one_call`, and in
+exactly n equal ranges (`--get-ranges`, sizes over the threshold only) as
+`service_redis_get_<n>_ranges`.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from kvpack.common.allocator import keep_freed_memory
 from kvpack.common.hashing import block_hashes
 from kvpack.kvstore.backends.redis import RedisBackend, ValueSendingConnection
 from kvpack.kvstore.client import KVStoreClient, StoreError
+from kvpack.kvstore.protocol import DEFAULT_GET_RANGES, GET_RANGE_BYTES, STREAMED_GET_BYTES
 
 PARALLEL_STREAMS = 4
 SIZES = {"64KiB": 64 << 10, "1MiB": 1 << 20, "4MiB": 4 << 20, "16MiB": 16 << 20}
@@ -92,11 +101,15 @@ def start_kvstore(stack: ExitStack, *backend_args: str, pythonpath: str | None =
     raise RuntimeError(f"kvstore {backend_args} did not answer")
 
 
-def timed_rounds(operations: dict[str, callable], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each operation per round; each round runs every operation once, in order."""
+def timed_rounds(operations: dict[str, callable], rounds: int,
+                 alternate: bool = True) -> dict[str, list[float]]:
+    """Seconds of each operation per round; each round runs every operation once, in order, and
+    with `alternate` every other round in reverse order: in one fixed order the same get code
+    timed 6-13% apart at 64 KiB and 1 MiB on the 2-core VM, by its place in the round."""
     seconds: dict[str, list[float]] = {name: [] for name in operations}
     for index in range(rounds):
-        for name, operation in operations.items():
+        in_order = list(operations.items())
+        for name, operation in (in_order[::-1] if alternate and index % 2 else in_order):
             start = time.perf_counter()
             operation(index)
             seconds[name].append(time.perf_counter() - start)
@@ -108,8 +121,10 @@ def mb_per_s(size_bytes: int, seconds: list[float]) -> float:
 
 
 def measure_size(raw: redis.Redis, raw_like_service: redis.Redis, reader: RedisBackend,
-                 clients: dict[str, KVStoreClient],
-                 parallel: dict[str, KVStoreClient], label: str, size: int, repeats: int) -> dict:
+                 clients: dict[str, KVStoreClient], one_call: dict[str, KVStoreClient],
+                 ranged: dict[int, KVStoreClient],
+                 parallel: dict[str, KVStoreClient], label: str, size: int, repeats: int,
+                 alternate: bool = True) -> dict:
     data = record.encode(record.RecordHeader.for_namespace("bench"), os.urandom(size - 200))
     hashes = block_hashes(list(range(repeats)), 1)
     raw_keys = [f"raw:{i}" for i in range(repeats)]
@@ -122,7 +137,14 @@ def measure_size(raw: redis.Redis, raw_like_service: redis.Redis, reader: RedisB
     for backend, client in clients.items():
         puts[f"service_{backend}_put"] = lambda i, c=client: c.put("bench", hashes[i], data)
         gets[f"service_{backend}_get"] = lambda i, c=client: _check(c.get("bench", hashes[i]))
-    for name, seconds in {**timed_rounds(puts, repeats), **timed_rounds(gets, repeats)}.items():
+        gets[f"service_{backend}_get_one_call"] = (
+            lambda i, c=one_call[backend]: _check(c.get("bench", hashes[i])))
+    if len(data) > STREAMED_GET_BYTES:  # below it every get is one GetWhole message
+        for count, client in ranged.items():
+            gets[f"service_redis_get_{count}_ranges"] = (
+                lambda i, c=client: _check(c.get("bench", hashes[i])))
+    for name, seconds in {**timed_rounds(puts, repeats, alternate),
+                          **timed_rounds(gets, repeats, alternate)}.items():
         row[f"{name}_mb_s"] = mb_per_s(len(data), seconds)
 
     batch = hashes[: max(1, min(repeats, (256 << 20) // len(data)))]
@@ -132,7 +154,7 @@ def measure_size(raw: redis.Redis, raw_like_service: redis.Redis, reader: RedisB
             lambda i, c=clients[backend]: _check(*c.get_many("bench", batch)))
         many[f"service_{backend}_get_many_parallel"] = (
             lambda i, c=parallel[backend]: _check(*c.get_many("bench", batch)))
-    for name, seconds in timed_rounds(many, GET_MANY_ROUNDS).items():
+    for name, seconds in timed_rounds(many, GET_MANY_ROUNDS, alternate).items():
         row[f"{name}_mb_s"] = mb_per_s(len(data) * len(batch), seconds)
 
     raw.delete(*raw_keys)
@@ -143,6 +165,11 @@ def measure_size(raw: redis.Redis, raw_like_service: redis.Redis, reader: RedisB
     row["put_vs_raw_service_packer"] = (row["service_redis_put_mb_s"]
                                         / row["raw_redis_set_service_packer_mb_s"])
     row["get_vs_raw"] = row["service_redis_get_mb_s"] / row["raw_redis_get_mb_s"]
+    row["get_one_call_vs_raw"] = row["service_redis_get_one_call_mb_s"] / row["raw_redis_get_mb_s"]
+    for count in ranged:
+        if f"service_redis_get_{count}_ranges_mb_s" in row:
+            row[f"get_{count}_ranges_vs_raw"] = (row[f"service_redis_get_{count}_ranges_mb_s"]
+                                                 / row["raw_redis_get_mb_s"])
     row["get_vs_raw_service_reader"] = (row["service_redis_get_mb_s"]
                                         / row["raw_redis_get_service_reader_mb_s"])
     row["get_many_vs_raw"] = row["service_redis_get_many_mb_s"] / row["raw_redis_get_mb_s"]
@@ -165,9 +192,17 @@ def main() -> None:
                         help="what to call this machine in the results (default: host name, CPUs)")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave this process on glibc's allocator defaults")
+    parser.add_argument("--get-ranges", default="2,4,8",
+                        help="other range counts to time KVStoreClient.get with, beside the "
+                             f"default ({DEFAULT_GET_RANGES}) and one call (comma-separated; '' "
+                             "for none)")
+    parser.add_argument("--fixed-order", action="store_true",
+                        help="run each round's operations in one order (this script before "
+                             "2026-12-07's ranged Get), not reversed every other round")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     sizes = {label: SIZES[label] for label in args.sizes.split(",")}
+    range_counts = [int(n) for n in args.get_ranges.split(",") if n]
     allocator = "glibc defaults" if args.default_allocator else "freed memory kept"
     if not args.default_allocator and not keep_freed_memory():
         allocator = "glibc defaults (mallopt unavailable)"
@@ -187,11 +222,16 @@ def main() -> None:
         }
         clients = {b: stack.enter_context(KVStoreClient(a, streams=1))
                    for b, a in addresses.items()}
+        one_call = {b: stack.enter_context(KVStoreClient(a, streams=1, get_ranges=1))
+                    for b, a in addresses.items()}
+        ranged = {n: stack.enter_context(KVStoreClient(  # exactly n equal ranges
+            addresses["redis"], streams=1, get_ranges=n, get_range_bytes=1)) for n in range_counts}
         parallel = {b: stack.enter_context(KVStoreClient(a, streams=PARALLEL_STREAMS))
                     for b, a in addresses.items()}
         for label, size in sizes.items():
-            rows.append(measure_size(raw, raw_like_service, reader, clients, parallel, label, size,
-                                     args.repeats))
+            rows.append(measure_size(raw, raw_like_service, reader, clients, one_call, ranged,
+                                     parallel, label, size, args.repeats,
+                                     alternate=not args.fixed_order))
             print(json.dumps(rows[-1]), flush=True)
         redis_version = raw.info("server")["redis_version"]
     result = {
@@ -205,7 +245,11 @@ def main() -> None:
         "redis_py": redis.__version__,
         "hiredis": redis.utils.HIREDIS_AVAILABLE,
         "client_allocator": allocator,
+        "get_ranges_default": DEFAULT_GET_RANGES,
+        "get_range_bytes_default": GET_RANGE_BYTES,
+        "ranged_get_over_bytes": STREAMED_GET_BYTES,
         "repeats": args.repeats,
+        "round_order": "fixed" if args.fixed_order else "reversed every other round",
         "rows": rows,
     }
     if args.out:
@@ -239,6 +283,38 @@ def markdown_table(result: dict) -> str:
             f"{r['get_many_vs_raw']:.2f}× | {r['service_redis_get_many_parallel_mb_s']:.0f} | "
             f"{r['get_many_parallel_vs_raw']:.2f}× | {r['service_memory_put_mb_s']:.0f} | "
             f"{r['service_memory_get_mb_s']:.0f} | {r['service_memory_get_many_mb_s']:.0f} |")
+    return "\n".join(lines) + get_table(result)
+
+
+def get_table(result: dict) -> str:
+    """Get's variants side by side (results of this script's versions with ranged gets)."""
+    rows = [r for r in result["rows"] if "service_redis_get_one_call_mb_s" in r]
+    if not rows:
+        return ""
+    counts = sorted({int(key.split("_")[3]) for r in rows for key in r
+                     if key.startswith("service_redis_get_") and key.endswith("_ranges_mb_s")})
+    default = result.get("get_ranges_default", "?")
+    lines = [
+        "", "",
+        f"Get (redis) over {result.get('ranged_get_over_bytes', 0) >> 20} MiB: the default (at "
+        f"most {default} ranges of at least {result.get('get_range_bytes_default', 0) >> 20} MiB), "
+        "one call (a Get stream, as before ranges), exactly n ranges; MB/s and / raw GET.",
+        "",
+        "| block | raw GET | Get (default) | / raw | Get, one call | / raw |"
+        + "".join(f" {n} ranges | / raw |" for n in counts)
+        + " Get, one call (memory) | Get (memory) |",
+        "| --- |" + " ---: |" * (7 + 2 * len(counts)),
+    ]
+    for r in rows:
+        cells = [f"{r['raw_redis_get_mb_s']:.0f}", f"{r['service_redis_get_mb_s']:.0f}",
+                 f"{r['get_vs_raw']:.2f}×", f"{r['service_redis_get_one_call_mb_s']:.0f}",
+                 f"{r['get_one_call_vs_raw']:.2f}×"]
+        for n in counts:
+            cells += [_cell(r, f"service_redis_get_{n}_ranges_mb_s", ".0f"),
+                      _cell(r, f"get_{n}_ranges_vs_raw", ".2f", "×")]
+        cells += [f"{r['service_memory_get_one_call_mb_s']:.0f}",
+                  f"{r['service_memory_get_mb_s']:.0f}"]
+        lines.append(f"| {r['block']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

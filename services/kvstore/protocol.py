@@ -10,12 +10,24 @@ DEFAULT_CHUNK_BYTES = (4 << 20) - (64 << 10)
 # message, and on loopback one message moved 4-32 MiB at least as fast as a stream of 1-16 MiB
 # chunks. Larger records stream, so they stay under message limits. (get: STREAMED_GET_BYTES.)
 WHOLE_RECORD_BYTES = 32 << 20
-# KVStoreClient.get fetches a record larger than this with the streaming Get (1 MiB chunks, read on
-# the caller's thread) instead of GetWhole, learning per namespace which records are larger (blocks
-# of one namespace have one size). 2-core VM, Redis backend: at 4 MiB the stream was 14% faster
-# than one message in 4 MiB-only bench runs (within the spread of full runs); at 1 MiB and below
-# one message was 15-20% faster (bench/results/kvstore_get_ab_vm_cpu.json, bench/README.md).
+# KVStoreClient.get fetches a record larger than this in byte ranges (below), or with get_ranges=1
+# with the streaming Get (1 MiB chunks, read on the caller's thread), instead of one GetWhole,
+# learning per namespace how large its records are (blocks of one namespace have one size). 2-core
+# VM, Redis backend: at 4 MiB the stream was 14% faster than one message in 4 MiB-only bench runs
+# (within the spread of full runs); at 1 MiB and below one message was 15-20% faster
+# (bench/results/kvstore_get_ab_vm_cpu.json, bench/README.md).
 STREAMED_GET_BYTES = 2 << 20
+# KVStoreClient.get fetches a record over STREAMED_GET_BYTES as byte ranges (GetWhole with
+# offset/length) in parallel, one connection each: at most DEFAULT_GET_RANGES ranges of at least
+# GET_RANGE_BYTES (a 4 MiB record: 2 ranges; 16 MiB: 4; 2-4 MiB: 1, on the calling thread). The
+# shared 2-core VM (one core held by other work: client, service and Redis share the other, so
+# little can overlap), medians of 5 bench_store.py runs (bench/results/
+# kvstore_get_ranges_vm_cpu.json): 16 MiB in 4 ranges 722 MB/s, 8 ranges 709, 2 ranges 480, one
+# call 485; 4 MiB in 2 ranges 592, 4 ranges 597, 8 ranges 467, one call 604, and 2 ranges ahead
+# of 4 in two earlier 5-run sets (582 vs 526, 615 vs 540). Each call costs the client and the
+# service a few tenths of a ms of Python, so small ranges lose where cores are scarce.
+GET_RANGE_BYTES = 2 << 20
+DEFAULT_GET_RANGES = 4
 # Largest record GetWhole sends in one message, whatever the caller asks: room for the framing under
 # the message limit both ends set (kvpack.common.grpc_server.CHANNEL_OPTIONS).
 MAX_WHOLE_RECORD_BYTES = MAX_MESSAGE_BYTES - (64 << 10)

@@ -94,21 +94,25 @@ def encode_get_chunk(found: bool, total_bytes: int = 0, offset: int = 0,
 
 
 # Spare bytes a record needs in front of it for frame_get_chunk: the largest head it writes (found,
-# total_bytes, index and the data field's key and length, every varint at its longest).
-HEAD_ROOM = 2 + 11 + 6 + 11
+# total_bytes, offset, index and the data field's key and length, every varint at its longest).
+HEAD_ROOM = 2 + 11 + 11 + 6 + 11
 
 
-def frame_get_chunk(buffer: memoryview, start: int, index: int = 0) -> bytes:
-    """A GetChunk with the whole record `buffer[start:]` (found, total_bytes = its length, offset
-    0, index), built in place: its head is written into the `start` spare bytes before the record
-    (at least HEAD_ROOM, writable), so the record is copied once, into the message.
+def frame_get_chunk(buffer: memoryview, start: int, index: int = 0, *,
+                    total_bytes: int | None = None, offset: int = 0) -> bytes:
+    """A GetChunk with the data `buffer[start:]` (found, index; total_bytes = its length unless
+    given, offset), built in place: its head is written into the `start` spare bytes before the
+    data (at least HEAD_ROOM, writable), so the data is copied once, into the message. A whole
+    record is sent as is; a range of a record (GetWhole with a range) with the record's
+    `total_bytes` and the range's `offset`.
 
     The head carries index before data (fields may come in any order; every protobuf parser reads
     the same message as encode_get_chunk's)."""
     size = len(buffer) - start
     head = b"".join((
         _scalar(_GET["found"], 1),
-        _scalar(_GET["total_bytes"], size),
+        _scalar(_GET["total_bytes"], size if total_bytes is None else total_bytes),
+        _scalar(_GET["offset"], offset),
         _scalar(_GET["index"], index),
         _key(_GET["data"], _LENGTH) + _varint(size) if size else b"",
     ))

@@ -1,6 +1,6 @@
 """Get of a large record: the service streams it in GET_CHUNK_BYTES chunks, and KVStoreClient.get
-fetches records over STREAMED_GET_BYTES that way (GetWhole for smaller ones), returning as soon as
-the record is whole."""
+with get_ranges=1 fetches records over STREAMED_GET_BYTES that way (GetWhole for smaller ones),
+returning as soon as the record is whole. (The default, ranges: test_ranged_get.py.)"""
 
 import grpc
 from kvpack.common.grpc_server import CHANNEL_OPTIONS
@@ -32,7 +32,7 @@ def test_get_streams_a_large_record_in_chunks_of_get_chunk_bytes(store):
 def test_client_gets_small_and_large_records_and_the_service_sees_no_failed_call(store):
     small, large = random_record("small", 1000), random_record("large", STREAMED_GET_BYTES + 1)
     hashes = chain(2)
-    with KVStoreClient(store.address) as client:
+    with KVStoreClient(store.address, get_ranges=1) as client:  # large records as Get streams
         client.put("small", hashes[0], small)
         client.put("large", hashes[0], large)
         for _ in range(3):  # the first large get learns that this namespace streams

@@ -92,6 +92,16 @@ def test_framed_chunk_reads_like_the_encoded_one(data, index, extra_room):
     assert _get_fields(wire.decode_get_chunk(framed)) == expected
 
 
+@given(st.binary(max_size=300), uint64, uint64, st.integers(0, 2**32 - 1))
+def test_framed_range_reads_like_the_encoded_one(data, total_bytes, offset, index):
+    buffer = memoryview(bytearray(b"\xee" * wire.HEAD_ROOM + data))  # the room at its smallest
+    framed = wire.frame_get_chunk(buffer, wire.HEAD_ROOM, index, total_bytes=total_bytes,
+                                  offset=offset)
+    expected = (True, total_bytes, offset, data, index)
+    assert _get_fields(kvstore_pb2.GetChunk.FromString(framed)) == expected
+    assert _get_fields(wire.decode_get_chunk(framed)) == expected
+
+
 def test_framing_needs_room_for_the_head():
     with pytest.raises(ValueError, match="spare bytes"):
         wire.frame_get_chunk(memoryview(bytearray(b"\0" * 3 + b"data")), 3)

@@ -46,6 +46,20 @@ class Backend(ABC):
         record = self.get(key)
         return None if record is None else (memoryview(record), 0)
 
+    def get_range_with_room(self, key: str, offset: int, length: int,
+                            room: int) -> tuple[memoryview, int, int] | None:
+        """Bytes `offset` to `offset + length` of the record (length 0: to its end; a range past
+        the end stops there, an offset past it is empty) as `(buffer, start, record size)`: the
+        range is `buffer[start:]`, with `room` writable bytes before it where the backend reads
+        into a fresh buffer (as get_with_room). None = no such key. A backend that can reads only
+        the range; this default reads the record and slices it (no copy)."""
+        record = self.get(key)
+        if record is None:
+            return None
+        view = memoryview(record)
+        end = len(view) if length == 0 else min(len(view), offset + length)
+        return view[min(offset, end) : end], 0, len(view)
+
     @abstractmethod
     def exists(self, keys: list[str]) -> list[bool]:
         """Presence of each key, in order (one round trip where the backend allows)."""
