@@ -92,6 +92,73 @@ def _join16(o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15
 
 
 @triton.jit
+def _half_code_words(code_rows, HALF: tl.constexpr, group4, live4):
+    """One key half's code words of one KV head's tile: the 2-bit plane word and the 1-bit plane
+    word of each (row, j) in the per-element domain (see the kernel)."""
+    HEAD_DIM: tl.constexpr = 128
+    low = tl.load(code_rows + 4 * HALF + group4, mask=live4, other=0)
+    high = tl.load(code_rows + HEAD_DIM // 16 + 2 * HALF + group4 // 2, mask=live4, other=0)
+    return low, high
+
+
+@triton.jit
+def _store_from_accumulator(acc, Out_ptr, stride_sb, stride_sh, stride_sq, batch, query_head,
+                            rows, mask_m, num_query_tokens, tokens, mask_t, num_sink):
+    """`_store_dense_scores` with one st.global per element in inline PTX, so the scores are
+    stored from the accumulator's own register layout. (tl.store would first convert the
+    accumulator to a layout with tokens across the lanes, through shared memory with four
+    barriers per head; the accumulator layout already puts eight consecutive tokens of a query
+    row on eight lanes, one full 32-byte sector per store.) GPU only (inline PTX)."""
+    out_rows = Out_ptr + batch * stride_sb + query_head * stride_sh + (
+        rows % num_query_tokens) * stride_sq
+    address = (out_rows[None, :] + tokens[:, None]).to(tl.int64, bitcast=True)
+    live = ((mask_t & (tokens >= num_sink))[:, None] & mask_m[None, :]).to(tl.int32)
+    tl.inline_asm_elementwise(
+        """{
+        .reg .pred p;
+        setp.ne.b32 p, $3, 0;
+        @p st.global.f32 [$1], $2;
+        mov.b32 $0, 0;
+        }""",
+        "=r,l,f,r", [address, acc, live], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _head_code_words(code_rows, group4, live4):
+    """Both key halves' code words of one KV head's tile."""
+    low0, high0 = _half_code_words(code_rows, 0, group4, live4)
+    low1, high1 = _half_code_words(code_rows, 1, group4, live4)
+    return low0, high0, low1, high1
+
+
+@triton.jit
+def _head_query_operands(operand_rows):
+    """One KV head's query-side operands [BLOCK_M, 128] x 3 (key half 0, key half 1, zero part)
+    from `_kvquant_query_operands_v3_kernel`'s output rows."""
+    HEAD_DIM: tl.constexpr = 128
+    return (tl.load(operand_rows), tl.load(operand_rows + HEAD_DIM),
+            tl.load(operand_rows + 2 * HEAD_DIM))
+
+
+@triton.jit
+def _rotated_operand(low, high, spread, lo0, lo1, hi0, hi1, Lut_ptr, cw_p, cw_u0, cw_u1, cw_u2,
+                     cos, sin, BLOCK_T: tl.constexpr, PRMT: tl.constexpr):
+    """One key half's dot operand [BLOCK_T, 128]: codebook values of the codes in low/high times
+    cos and sin of their frequencies, in the A operand's register layout (see the kernel)."""
+    HEAD_DIM: tl.constexpr = 128
+    if PRMT:
+        o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = _lookup16(
+            low, high, spread, lo0, lo1, hi0, hi1, Lut_ptr, cw_p, cw_u0, cw_u1, cw_u2, PRMT)
+        luts = _join16(o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15)
+    else:
+        luts = _lookup16(low, high, spread, lo0, lo1, hi0, hi1, Lut_ptr, cw_p, cw_u0, cw_u1,
+                         cw_u2, PRMT)
+    # [j, c, b, a, p, u0, u1, u2, kind] -> rows (b, a, c), columns (kind, u2, u1, u0, j, p)
+    return tl.reshape(tl.permute(tl.join(luts * cos, luts * sin), (2, 3, 1, 8, 7, 6, 5, 0, 4)),
+                      (BLOCK_T, HEAD_DIM))
+
+
+@triton.jit
 def _column_frequency(k):
     """RoPE frequency of operand column k (bits p, j, u0, u1, u2 as in the kernel below)."""
     return 16 * (3 - (k // 2) % 4) + 2 * (k % 2) + 4 * ((k // 8) % 2) + 8 * ((k // 16) % 2) + (
@@ -156,6 +223,7 @@ def _kvquant_key_scores_v3_kernel(
     num_m_blocks, attention_scaling,
     NUM_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     CORRECTION_ROWS: tl.constexpr, HEADS: tl.constexpr, PRMT: tl.constexpr,
+    PREFETCH: tl.constexpr, DIRECT_STORE: tl.constexpr, OPERANDS_TOGETHER: tl.constexpr,
 ):
     """The v2 score kernel's math (see `_kvquant_key_scores_kernel`) for head_dim 128, 3-bit
     codes in int32 words and 16-bit queries, with the key operand built where the tensor cores
@@ -222,37 +290,64 @@ def _kvquant_key_scores_v3_kernel(
     num_rows = group_size * num_query_tokens
     mask_m = rows < num_rows
     columns = tl.arange(0, HEAD_DIM)[None, :]
+    code_tile = Codes_ptr + batch * stride_cb + (tile_start + t4) * stride_ct
+    operand_tile = QOp_ptr + (batch * num_kv_heads * num_m_blocks + pid_m) * (
+        BLOCK_M * 3 * HEAD_DIM) + (tl.arange(0, BLOCK_M) * (3 * HEAD_DIM))[:, None] + columns
+    operand_head = num_m_blocks * BLOCK_M * 3 * HEAD_DIM  # operand_tile's stride per KV head
+    # PREFETCH >= 1: the next head's code words are loaded (into registers) before this head's
+    # lookups and dots, so their DRAM latency overlaps a head's work instead of stalling every
+    # warp at the start of each head; PREFETCH 2: its query operands (L2) as well.
+    if PREFETCH >= 1:
+        low0, high0, low1, high1 = _head_code_words(code_tile + first_head * stride_ch, group4,
+                                                    live4)
+    if PREFETCH >= 2:
+        rot0, rot1, zq = _head_query_operands(operand_tile + first_head * operand_head)
     for i in range(HEADS):
         kv_head = first_head + i
         query_head = kv_head * group_size + rows // num_query_tokens
-        operand_row = (QOp_ptr + ((batch * num_kv_heads + kv_head) * num_m_blocks + pid_m) * (
-            BLOCK_M * 3 * HEAD_DIM) + tl.arange(0, BLOCK_M) * (3 * HEAD_DIM))[:, None]
-        code_rows = Codes_ptr + batch * stride_cb + kv_head * stride_ch + (
-            tile_start + t4) * stride_ct
+        if PREFETCH >= 1:
+            next_live = live4 & (i + 1 < HEADS)
+            n_low0, n_high0, n_low1, n_high1 = _head_code_words(
+                code_tile + (kv_head + 1) * stride_ch, group4, next_live)
+        else:  # each half's words loaded just before its lookups (as few live as possible)
+            code_rows = code_tile + kv_head * stride_ch
+        if PREFETCH >= 2:
+            n_rot0, n_rot1, n_zq = _head_query_operands(
+                operand_tile + (first_head + (i + 1) % HEADS) * operand_head)
+        elif OPERANDS_TOGETHER:  # one shared-memory store round (and barrier pair) per head
+            rot0, rot1, zq = _head_query_operands(operand_tile + kv_head * operand_head)
+        else:  # each operand loaded just before its dot: one live at a time
+            operand_rows = operand_tile + kv_head * operand_head
         acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
-        for half in tl.static_range(2):  # one K = 128 dot per key half: half the live operand
-            low = tl.load(code_rows + 4 * half + group4, mask=live4, other=0)
-            high = tl.load(code_rows + HEAD_DIM // 16 + 2 * half + group4 // 2, mask=live4,
-                           other=0)
-            if PRMT:
-                o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = _lookup16(
-                    low, high, spread, lo0, lo1, hi0, hi1, Lut_ptr, cw_p, cw_u0, cw_u1, cw_u2,
-                    PRMT)
-                luts = _join16(o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14,
-                               o15)
-            else:
-                luts = _lookup16(low, high, spread, lo0, lo1, hi0, hi1, Lut_ptr, cw_p, cw_u0,
-                                 cw_u1, cw_u2, PRMT)
-            # [j, c, b, a, p, u0, u1, u2, kind] -> rows (b, a, c), columns (kind, u2, u1, u0, j, p)
-            rotated = tl.reshape(tl.permute(tl.join(luts * cos, luts * sin),
-                                            (2, 3, 1, 8, 7, 6, 5, 0, 4)), (BLOCK_T, HEAD_DIM))
-            with_rotation = tl.load(operand_row + half * HEAD_DIM + columns)
-            acc = tl.dot(rotated, tl.trans(with_rotation), acc)
-        with_zero = tl.load(operand_row + 2 * HEAD_DIM + columns)
-        acc = tl.dot(zero_key, tl.trans(with_zero), acc)
+        if PREFETCH < 2 and not OPERANDS_TOGETHER:
+            rot0 = tl.load(operand_rows)
+        if PREFETCH == 0:
+            low0, high0 = _half_code_words(code_rows, 0, group4, live4)
+        acc = tl.dot(_rotated_operand(low0, high0, spread, lo0, lo1, hi0, hi1, Lut_ptr, cw_p,
+                                      cw_u0, cw_u1, cw_u2, cos, sin, BLOCK_T, PRMT),
+                     tl.trans(rot0), acc)
+        if PREFETCH < 2 and not OPERANDS_TOGETHER:
+            rot1 = tl.load(operand_rows + HEAD_DIM)
+        if PREFETCH == 0:
+            low1, high1 = _half_code_words(code_rows, 1, group4, live4)
+        acc = tl.dot(_rotated_operand(low1, high1, spread, lo0, lo1, hi0, hi1, Lut_ptr, cw_p,
+                                      cw_u0, cw_u1, cw_u2, cos, sin, BLOCK_T, PRMT),
+                     tl.trans(rot1), acc)
+        if PREFETCH < 2 and not OPERANDS_TOGETHER:
+            zq = tl.load(operand_rows + 2 * HEAD_DIM)
+        acc = tl.dot(zero_key, tl.trans(zq), acc)
 
-        _store_dense_scores(acc, Out_ptr, stride_sb, stride_sh, stride_sq, batch, query_head,
-                            rows, mask_m, num_query_tokens, tokens, mask_t, num_sink)
+        if DIRECT_STORE:
+            _store_from_accumulator(acc, Out_ptr, stride_sb, stride_sh, stride_sq, batch,
+                                    query_head, rows, mask_m, num_query_tokens, tokens, mask_t,
+                                    num_sink)
+        else:
+            _store_dense_scores(acc, Out_ptr, stride_sb, stride_sh, stride_sq, batch, query_head,
+                                rows, mask_m, num_query_tokens, tokens, mask_t, num_sink)
+        if PREFETCH >= 1:
+            low0, high0, low1, high1 = n_low0, n_high0, n_low1, n_high1
+        if PREFETCH >= 2:
+            rot0, rot1, zq = n_rot0, n_rot1, n_zq
 
     _finish_tile(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr, stride_ob,
                  stride_oh, stride_ot, Sink_ptr, stride_kb, stride_kh, stride_kt, InvFreq_ptr,
@@ -264,6 +359,17 @@ def _kvquant_key_scores_v3_kernel(
 
 
 
+# What the head loop loads one head ahead: 0 nothing, 1 the code words, 2 code words and query
+# operands (see the kernel)
+V3_PREFETCH = 1
+# Store the scores from the accumulator's register layout (inline PTX) instead of tl.store's
+# conversion through shared memory (see _store_from_accumulator)
+V3_DIRECT_STORE = False  # until timed on a GPU (run 7)
+# Load a head's three query operands together (one shared-memory store round and barrier pair
+# per head instead of one per dot; 12 KB of shared memory instead of 4)
+V3_OPERANDS_TOGETHER = True
+
+
 def v3_fits(q: torch.Tensor, head_dim: int, bits: int, words: bool | None = None) -> bool:
     """Whether `kvquant_triton.key_scores(version=3)` handles this call."""
     return (head_dim == 128 and bits == 3 and q.dtype in (torch.float16, torch.bfloat16)
@@ -272,7 +378,8 @@ def v3_fits(q: torch.Tensor, head_dim: int, bits: int, words: bool | None = None
 
 def key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq, attention_scaling, bits,
                    token_start, out, sink, block_t, num_warps, words, heads_per_program,
-                   num_stages, maxnreg):
+                   num_stages, maxnreg, prefetch=None, direct_store=None,
+                  operands_together=None):
     batch, num_kv_heads, num_tokens, _ = codes.shape
     head_dim = q.shape[-1]
     if not v3_fits(q, head_dim, bits, words):
@@ -317,7 +424,10 @@ def key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq, attention_
         num_m_blocks, float(attention_scaling),
         NUM_SLOTS=index.shape[-1], BLOCK_T=block_t, BLOCK_M=block_m,
         CORRECTION_ROWS=min(block_m, triton.next_power_of_2(rows)), HEADS=heads,
-        PRMT=not interpret, num_warps=num_warps, num_stages=num_stages,
+        PRMT=not interpret, PREFETCH=V3_PREFETCH if prefetch is None else prefetch,
+        DIRECT_STORE=not interpret and (V3_DIRECT_STORE if direct_store is None else direct_store),
+        OPERANDS_TOGETHER=V3_OPERANDS_TOGETHER if operands_together is None else operands_together,
+        num_warps=num_warps, num_stages=num_stages,
         **({} if interpret or not maxnreg else {"maxnreg": maxnreg}),
     )
     return out

@@ -632,7 +632,8 @@ def _heads_per_program(num_kv_heads: int, programs_per_head: int, want: int | No
 def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_scaling,
                bits, token_start, out, sink=None, block_t=None, num_warps=None, words=None,
                heads_per_program=None, num_stages=None, prepared_queries=True, version=None,
-               maxnreg=V3_MAXNREG):
+               maxnreg=V3_MAXNREG, prefetch=None, direct_store=None,
+               operands_together=None):
     """Scores of post-RoPE q [B, H_q, T_q, D] against packed pre-RoPE keys (token t at RoPE
     position t), written into out[..., token_start:T] (out: float32 [B, H_q, T_q, T]).
     sink: the exact pre-RoPE keys [B, H_kv, s, D] of tokens [0, s), used instead of their codes.
@@ -649,7 +650,11 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
     vs 0.180 ms at 128K on the H100, bench/results/kvquant_h100_run6.json) and 2 elsewhere.
     maxnreg: ptxas register cap of the version-3 kernel (None: uncapped). Its head loop fits 128
     registers without spilling (offline sm_90 compile); uncapped, the rarely run sink and prologue
-    code push it to 254, one 4-warp program per SM less than half as many as at 128."""
+    code push it to 254, one 4-warp program per SM less than half as many as at 128.
+    prefetch, direct_store, operands_together: what the version-3 head loop loads one KV head
+    ahead, whether it stores scores from the accumulator's registers, whether it loads a head's
+    query operands together (None: `kvquant_scores_v3_triton`'s V3_PREFETCH / V3_DIRECT_STORE /
+    V3_OPERANDS_TOGETHER)."""
     from . import kvquant_scores_v3_triton as v3  # it imports this module's device helpers
 
     if version is None:
@@ -658,7 +663,8 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
     if version == 3:
         return v3.key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq,
                               attention_scaling, bits, token_start, out, sink, block_t,
-                              num_warps, words, heads_per_program, num_stages, maxnreg)
+                              num_warps, words, heads_per_program, num_stages, maxnreg,
+                              prefetch, direct_store, operands_together)
     if version != 2:
         raise ValueError(f"version must be 2 or 3, got {version}")
     batch, num_kv_heads, num_tokens, _ = codes.shape

@@ -39,6 +39,17 @@ CORRECTNESS_CASES = [
     (torch.bfloat16, 64, 24, 3, 1, 3000, 2),
     (torch.bfloat16, 128, 8, 2, 1, 524288, 3),  # RoPE angles of 512K-token positions
     (torch.float32, 128, 4, 1, 1, 524288, 4),
+    (torch.float16, 128, 24, 3, 2, 3001, 3),  # GQA 8 x 2 query tokens: a full 16-row tile
+]
+# version-3 launch settings checked against the reference (each: every score written, rel. err.)
+V3_CHECKS = [
+    dict(),
+    dict(prefetch=0, direct_store=False, operands_together=False),
+    dict(prefetch=1, direct_store=True, operands_together=False),
+    dict(prefetch=0, heads_per_program=2),
+    dict(prefetch=2, heads_per_program=2),
+    dict(block_t=128, num_warps=8),
+    dict(block_t=128, num_warps=8, maxnreg=None),
 ]
 # launch settings of the raw score kernel; the first is the launcher's default for 2 and 4 bits
 # (version 2, decode row tile), version 3 is its default for 3 bits (head_dim 128, 16-bit queries).
@@ -48,22 +59,30 @@ SCORE_VARIANTS = [
     dict(version=2, block_t=64, num_warps=4),
     # v3: key operand built in the dot's register layout (byte-permute lookups, no shared-memory
     # layout conversions), 128-register cap; defaults bt64 w4
+    # v3 defaults: prefetch 1 (next head's code words), direct store (from the accumulator),
+    # operands together (one shared-memory round per head)
     dict(version=3),
-    dict(version=3, block_t=128, num_warps=8),
+    dict(version=3, prefetch=0, direct_store=False, operands_together=False),  # as of run 6
+    dict(version=3, prefetch=1, direct_store=False, operands_together=False),
+    dict(version=3, prefetch=0, direct_store=True, operands_together=False),
+    dict(version=3, prefetch=1, direct_store=True, operands_together=False),
+    dict(version=3, prefetch=0),
+    dict(version=3, prefetch=2),
     dict(version=3, maxnreg=None),
+    dict(version=3, maxnreg=160),
     dict(version=3, heads_per_program=4),
-    dict(version=2, block_t=64, num_warps=4, prepared_queries=False),
-    dict(version=2, block_t=128, num_warps=8),
-    dict(version=2, block_t=128, num_warps=8, prepared_queries=False),
-    dict(version=2, block_t=128, num_warps=8, num_stages=2),
-    dict(version=2, block_t=128, num_warps=8, heads_per_program=4),
+    dict(version=3, block_t=128, num_warps=8),
+    dict(version=3, block_t=128, num_warps=8, prefetch=0),
+    dict(version=3, block_t=128, num_warps=8, operands_together=False),
+    dict(version=3, block_t=128, num_warps=8, maxnreg=None),
 ]
 
 
 def variant_label(variant: dict) -> str:
     names = {"block_t": "bt", "num_warps": "w", "num_stages": "stages",
              "heads_per_program": "heads", "words": "words", "prepared_queries": "prepared",
-             "version": "v", "maxnreg": "maxnreg"}
+             "version": "v", "maxnreg": "maxnreg", "prefetch": "prefetch",
+             "direct_store": "direct", "operands_together": "together"}
     return " ".join(f"{names[key]}{int(value) if isinstance(value, bool) else value}"
                     for key, value in variant.items())
 
@@ -118,15 +137,16 @@ def check_correctness(device) -> dict:
             label = "words" if words else "bytes"
             case[f"score_all_written_{label}"] = bool(torch.isfinite(out).all().item())
             case[f"score_rel_err_{label}"] = rel_err(out[..., 1:], expected[..., 1:])
-        if kvquant_scores_v3_triton.v3_fits(q, head_dim, bits):
+        for check in V3_CHECKS if kvquant_scores_v3_triton.v3_fits(q, head_dim, bits) else ():
             out = torch.full((2, hq, tq, tokens), float("nan"), device=device)
             out[..., :1] = 0
             kvquant_triton.key_scores(q, used_slow["codes"], used_slow["outlier_index"],
                                       used_slow["outlier_delta"], t["key_zero"], t["key_scale"],
                                       t["key_lut"], t["inv_freq"], 1.0, bits, token_start=1,
-                                      out=out, version=3)
-            case["score_all_written_v3"] = bool(torch.isfinite(out).all().item())
-            case["score_rel_err_v3"] = rel_err(out[..., 1:], expected[..., 1:])
+                                      out=out, version=3, **check)
+            label = " ".join(["v3", variant_label(check)]).strip()
+            case[f"score_all_written_{label}"] = bool(torch.isfinite(out).all().item())
+            case[f"score_rel_err_{label}"] = rel_err(out[..., 1:], expected[..., 1:])
         exact = reference.scores(q, reference.apply_rope(k, torch.arange(tokens, device=device),
                                                          t["inv_freq"], 1.0))
         case["codec_score_rel_err_vs_exact"] = rel_err(fast.key_scores(q, keys_fast), exact)
@@ -180,6 +200,13 @@ def _rows_for_bits(codec, tokens, k, v, q, p, device, roofline_gbps, timed) -> l
         rows.append(timed(f"KVQuant-{bits} score kernel {variant_label(variant)}",
                           functools.partial(kernel, **variant),
                           key_bytes + scores_f32, roofline_gbps, bits=bits))
+    if bits == 3:  # ablation (not a valid score): what the sparse outlier pass costs version 3
+        no_slots = functools.partial(
+            kvquant_triton.key_scores, q, used["codes"], used["outlier_index"][..., :0],
+            used["outlier_delta"][..., :0], t["key_zero"], t["key_scale"], t["key_lut"],
+            t["inv_freq"], 1.0, bits, token_start=1, out=out, version=3)
+        rows.append(timed("ablation: KVQuant-3 score kernel v3 without the outlier pass",
+                          no_slots, key_bytes + scores_f32, roofline_gbps, bits=bits))
     if bits != 3:
         return rows
     values = codec.new_values(1, kv_heads, device=device, capacity=tokens)
@@ -200,9 +227,11 @@ def _rows_for_bits(codec, tokens, k, v, q, p, device, roofline_gbps, timed) -> l
 def kernel_stats() -> list[dict]:
     """Registers and spills of every compiled kvquant kernel (from Triton's per-device cache)."""
     stats = []
-    for name in ("_kvquant_key_scores_kernel", "_kvquant_attend_values_kernel",
-                 "_kvquant_pack_kernel"):
-        function = getattr(kvquant_triton, name)
+    for module, name in ((kvquant_triton, "_kvquant_key_scores_kernel"),
+                         (kvquant_scores_v3_triton, "_kvquant_key_scores_v3_kernel"),
+                         (kvquant_triton, "_kvquant_attend_values_kernel"),
+                         (kvquant_triton, "_kvquant_pack_kernel")):
+        function = getattr(module, name)
         for cache in function.device_caches.values():
             for compiled in cache[0].values():
                 stats.append({"kernel": name, "num_warps": compiled.metadata.num_warps,

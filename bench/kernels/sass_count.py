@@ -89,9 +89,13 @@ def variants():
     v3 = dict(NUM_SLOTS=NUM_SLOTS, BLOCK_M=16, CORRECTION_ROWS=GROUP, HEADS=8, PRMT=True)
     for block_t, warps in ((64, 4), (128, 8)):
         for cap in (kq.V3_MAXNREG, None):
-            out.append((f"v3 register operand bt{block_t} w{warps} maxnreg {cap}",
-                        kq3._kvquant_key_scores_v3_kernel, dict(v3, BLOCK_T=block_t), warps,
-                        block_t, cap))
+            for prefetch, direct, together in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0),
+                                               (2, 1, 0), (0, 1, 1), (1, 1, 1)):
+                out.append((f"v3 register operand bt{block_t} w{warps} maxnreg {cap} "
+                            f"prefetch {prefetch} direct store {direct} operands together "
+                            f"{together}", kq3._kvquant_key_scores_v3_kernel,
+                            dict(v3, BLOCK_T=block_t, PREFETCH=prefetch, DIRECT_STORE=direct,
+                                 OPERANDS_TOGETHER=together), warps, block_t, cap))
     return out
 
 

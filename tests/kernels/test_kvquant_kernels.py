@@ -201,6 +201,26 @@ def test_key_scores_v3_matches_reference_and_v2(dtype, group, num_queries, token
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-3, atol=1e-3 * outs[0].abs().mean().item())
 
 
+def test_key_scores_v3_load_order_changes_no_value():
+    """Loading the next KV head's code words / query operands one head ahead, or a head's three
+    query operands together (4 KV heads in one program, a partial last tile), gives
+    bit-identical scores to loading each just before its use."""
+    calibration = random_calibration(head_dim=128, num_kv_heads=4, outliers=0.02)
+    t, _, (codes, index, delta) = _packed_keys(calibration, 3, 1, 45, (4, 1, 128))
+    q = torch.randn(1, 16, 1, 128).to(torch.bfloat16)
+    outs = []
+    for prefetch, together in ((0, False), (1, False), (2, False), (0, True), (1, True)):
+        out = torch.full((1, 16, 1, 45), float("nan"))
+        triton_kernels.key_scores(q, codes, index.to(torch.uint8), delta, t["key_zero"],
+                                  t["key_scale"], t["key_lut"], t["inv_freq"], 1.0, 3,
+                                  token_start=0, out=out, version=3, heads_per_program=4,
+                                  prefetch=prefetch, operands_together=together)
+        assert torch.isfinite(out).all()
+        outs.append(out)
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+
+
 def test_key_scores_v3_rejects_shapes_it_does_not_handle():
     calibration = random_calibration(head_dim=64, num_kv_heads=2, outliers=0.02)
     t, _, (codes, index, delta) = _packed_keys(calibration, 3, 1, 16, (64,))
