@@ -46,10 +46,11 @@ V3_CHECKS = [
     dict(),
     dict(prefetch=0, direct_store=False, operands_together=False),
     dict(prefetch=1, direct_store=True, operands_together=False),
-    dict(prefetch=0, heads_per_program=2),
-    dict(prefetch=2, heads_per_program=2),
-    dict(block_t=128, num_warps=8),
-    dict(block_t=128, num_warps=8, maxnreg=None),
+    dict(prefetch=1, direct_store=True, operands_together=True),
+    dict(prefetch=0, direct_store=True, heads_per_program=2),
+    dict(prefetch=2, direct_store=True, heads_per_program=2),
+    dict(block_t=128, num_warps=8, direct_store=True),
+    dict(block_t=128, num_warps=8, direct_store=True, maxnreg=None),
 ]
 # launch settings of the raw score kernel; the first is the launcher's default for 2 and 4 bits
 # (version 2, decode row tile), version 3 is its default for 3 bits (head_dim 128, 16-bit queries).
@@ -59,22 +60,29 @@ SCORE_VARIANTS = [
     dict(version=2, block_t=64, num_warps=4),
     # v3: key operand built in the dot's register layout (byte-permute lookups, no shared-memory
     # layout conversions), 128-register cap; defaults bt64 w4
-    # v3 defaults: prefetch 1 (next head's code words), direct store (from the accumulator),
-    # operands together (one shared-memory round per head)
+    # v3: launcher defaults, then each load/store option (prefetch: next head's code words one
+    # head ahead; direct: scores stored from the accumulator layout; together: a head's query
+    # operands in one shared-memory round)
     dict(version=3),
     dict(version=3, prefetch=0, direct_store=False, operands_together=False),  # as of run 6
     dict(version=3, prefetch=1, direct_store=False, operands_together=False),
     dict(version=3, prefetch=0, direct_store=True, operands_together=False),
     dict(version=3, prefetch=1, direct_store=True, operands_together=False),
-    dict(version=3, prefetch=0),
-    dict(version=3, prefetch=2),
-    dict(version=3, maxnreg=None),
-    dict(version=3, maxnreg=160),
-    dict(version=3, heads_per_program=4),
-    dict(version=3, block_t=128, num_warps=8),
-    dict(version=3, block_t=128, num_warps=8, prefetch=0),
-    dict(version=3, block_t=128, num_warps=8, operands_together=False),
-    dict(version=3, block_t=128, num_warps=8, maxnreg=None),
+    dict(version=3, prefetch=1, direct_store=False, operands_together=True),
+    dict(version=3, prefetch=0, direct_store=True, operands_together=True),
+    dict(version=3, prefetch=1, direct_store=True, operands_together=True),
+    dict(version=3, prefetch=2, direct_store=True),
+    dict(version=3, prefetch=1, direct_store=True, operands_together=True, maxnreg=None),
+    dict(version=3, prefetch=1, direct_store=True, operands_together=True, maxnreg=160),
+    dict(version=3, prefetch=1, direct_store=True, operands_together=True, heads_per_program=4),
+    dict(version=3, block_t=128, num_warps=8, prefetch=1, direct_store=True,
+         operands_together=True),
+    dict(version=3, block_t=128, num_warps=8, prefetch=0, direct_store=True,
+         operands_together=True),
+    dict(version=3, block_t=128, num_warps=8, prefetch=1, direct_store=True,
+         operands_together=False),
+    dict(version=3, block_t=128, num_warps=8, prefetch=1, direct_store=True,
+         operands_together=True, maxnreg=None),
 ]
 
 
