@@ -16,6 +16,7 @@ import triton.language as tl
 from .codec import triton_interpret_enabled
 from .gqa import query_group
 from .kvquant_triton import (
+    outlier_row_chunk_for,
     _finish_tile,
     _heads_per_program,
     _sin_cos,
@@ -222,7 +223,8 @@ def _kvquant_key_scores_v3_kernel(
     num_kv_heads, num_query_tokens, group_size, token_start, num_tokens, num_sink,
     num_m_blocks, attention_scaling,
     NUM_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
-    CORRECTION_ROWS: tl.constexpr, HEADS: tl.constexpr, PRMT: tl.constexpr,
+    CORRECTION_ROWS: tl.constexpr, OUTLIER_ROW_CHUNK: tl.constexpr, HEADS: tl.constexpr,
+    PRMT: tl.constexpr,
     PREFETCH: tl.constexpr, DIRECT_STORE: tl.constexpr, OPERANDS_TOGETHER: tl.constexpr,
 ):
     """The v2 score kernel's math (see `_kvquant_key_scores_kernel`) for head_dim 128, 3-bit
@@ -354,7 +356,7 @@ def _kvquant_key_scores_v3_kernel(
                  Out_ptr, stride_sb, stride_sh, stride_sq, batch, first_head, tokens, mask_t,
                  pid_t, pid_m, rows, mask_m, num_rows, num_query_tokens, group_size,
                  token_start, num_sink, attention_scaling, HEAD_DIM, HEADS, NUM_SLOTS,
-                 BLOCK_M, CORRECTION_ROWS)
+                 BLOCK_M, CORRECTION_ROWS, OUTLIER_ROW_CHUNK)
 
 
 
@@ -379,7 +381,7 @@ def v3_fits(q: torch.Tensor, head_dim: int, bits: int, words: bool | None = None
 def key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq, attention_scaling, bits,
                    token_start, out, sink, block_t, num_warps, words, heads_per_program,
                    num_stages, maxnreg, prefetch=None, direct_store=None,
-                  operands_together=None):
+                  operands_together=None, outlier_row_chunk=None):
     batch, num_kv_heads, num_tokens, _ = codes.shape
     head_dim = q.shape[-1]
     if not v3_fits(q, head_dim, bits, words):
@@ -424,6 +426,7 @@ def key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq, attention_
         num_m_blocks, float(attention_scaling),
         NUM_SLOTS=index.shape[-1], BLOCK_T=block_t, BLOCK_M=block_m,
         CORRECTION_ROWS=min(block_m, triton.next_power_of_2(rows)), HEADS=heads,
+        OUTLIER_ROW_CHUNK=outlier_row_chunk_for(rows, block_m, outlier_row_chunk),
         PRMT=not interpret, PREFETCH=V3_PREFETCH if prefetch is None else prefetch,
         DIRECT_STORE=not interpret and (V3_DIRECT_STORE if direct_store is None else direct_store),
         OPERANDS_TOGETHER=V3_OPERANDS_TOGETHER if operands_together is None else operands_together,

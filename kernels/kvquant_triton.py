@@ -321,7 +321,7 @@ def _add_outliers(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr, 
                   stride_oh, stride_ot, InvFreq_ptr, Out_ptr, stride_sb, stride_sh, stride_sq,
                   batch, first_head, tokens, live_t, first_row, num_rows, num_query_tokens,
                   group_size, attention_scaling, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr,
-                  NUM_SLOTS: tl.constexpr, ROWS: tl.constexpr):
+                  NUM_SLOTS: tl.constexpr, ROWS: tl.constexpr, ROW_CHUNK: tl.constexpr):
     """Adds the sparse outliers of HEADS KV heads to their stored scores (tokens where live_t),
     query rows [first_row, first_row + ROWS): an outlier (channel c, delta) adds
     delta * (cos q[c] + sign sin q[partner]) to the score, partner = the channel c rotates with,
@@ -329,35 +329,89 @@ def _add_outliers(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr, 
 
     One pass over [tokens, heads] after the head loop: the per-outlier work (loads, sin/cos) is
     spread over all threads once instead of being repeated by the threads of each head's tile,
-    and a loop over the real query rows (not the padded tile) gathers q and updates the scores
-    (only where a slot holds an outlier: unused slots carry delta 0)."""
+    and only the real query rows (not the padded tile) gather q and update the scores (only
+    where a slot holds an outlier: unused slots carry delta 0). ROW_CHUNK > 0: ROW_CHUNK rows at
+    a time as one [tokens, heads, rows] tensor, all slots summed before one read-modify-write of
+    the scores, so the gathers and updates of all rows and slots are in flight together;
+    ROW_CHUNK 0: one row and slot at a time (a chain of dependent memory round trips)."""
+    if ROW_CHUNK > 0:
+        _add_outliers_chunked(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr,
+                              stride_ob, stride_oh, stride_ot, InvFreq_ptr, Out_ptr, stride_sb,
+                              stride_sh, stride_sq, batch, first_head, tokens, live_t,
+                              first_row, num_rows, num_query_tokens, group_size,
+                              attention_scaling, HEAD_DIM, HEADS, NUM_SLOTS, ROWS, ROW_CHUNK)
+    else:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        kv_head = first_head + tl.arange(0, HEADS)
+        live = live_t[:, None] & (kv_head >= 0)[None, :]  # [T, H]
+        slots = batch * stride_ob + kv_head[None, :] * stride_oh + tokens[:, None] * stride_ot
+        positions = tokens.to(tl.float32)[:, None]
+        for slot in tl.static_range(NUM_SLOTS):
+            channel = tl.load(Index_ptr + slots + slot, mask=live, other=0).to(tl.int32)
+            delta = tl.load(Delta_ptr + slots + slot, mask=live, other=0.0).to(tl.float32)
+            first_half = channel < HALF
+            partner = tl.where(first_half, channel + HALF, channel - HALF)
+            sin, cos = _sin_cos(positions * tl.load(
+                InvFreq_ptr + tl.where(first_half, channel, partner)))
+            own = delta * cos * attention_scaling
+            cross = tl.where(first_half, delta, -delta) * sin * attention_scaling
+            used = live & (delta != 0.0)
+            for r in range(ROWS):
+                row = first_row + r
+                if row < num_rows:
+                    query_head = kv_head * group_size + row // num_query_tokens
+                    query_token = row % num_query_tokens
+                    q_row = (Q_ptr + batch * stride_qb + query_head * stride_qh
+                             + query_token * stride_qt)[None, :]
+                    fix = (own * tl.load(q_row + channel, mask=used, other=0.0).to(tl.float32)
+                           + cross * tl.load(q_row + partner, mask=used,
+                                             other=0.0).to(tl.float32))
+                    out = (Out_ptr + batch * stride_sb + query_head[None, :] * stride_sh
+                           + query_token * stride_sq + tokens[:, None])
+                    tl.store(out, tl.load(out, mask=used, other=0.0) + fix, mask=used)
+
+
+@triton.jit
+def _add_outliers_chunked(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr,
+                          stride_ob, stride_oh, stride_ot, InvFreq_ptr, Out_ptr, stride_sb,
+                          stride_sh, stride_sq, batch, first_head, tokens, live_t, first_row,
+                          num_rows, num_query_tokens, group_size, attention_scaling,
+                          HEAD_DIM: tl.constexpr, HEADS: tl.constexpr, NUM_SLOTS: tl.constexpr,
+                          ROWS: tl.constexpr, ROW_CHUNK: tl.constexpr):
+    """`_add_outliers` over [tokens, heads, ROW_CHUNK rows] tensors (see there)."""
     HALF: tl.constexpr = HEAD_DIM // 2
     kv_head = first_head + tl.arange(0, HEADS)
     live = live_t[:, None] & (kv_head >= 0)[None, :]  # [T, H]
     slots = batch * stride_ob + kv_head[None, :] * stride_oh + tokens[:, None] * stride_ot
     positions = tokens.to(tl.float32)[:, None]
-    for slot in tl.static_range(NUM_SLOTS):
-        channel = tl.load(Index_ptr + slots + slot, mask=live, other=0).to(tl.int32)
-        delta = tl.load(Delta_ptr + slots + slot, mask=live, other=0.0).to(tl.float32)
-        first_half = channel < HALF
-        partner = tl.where(first_half, channel + HALF, channel - HALF)
-        sin, cos = _sin_cos(positions * tl.load(
-            InvFreq_ptr + tl.where(first_half, channel, partner)))
-        own = delta * cos * attention_scaling
-        cross = tl.where(first_half, delta, -delta) * sin * attention_scaling
-        used = live & (delta != 0.0)
-        for r in range(ROWS):
-            row = first_row + r
-            if row < num_rows:
-                query_head = kv_head * group_size + row // num_query_tokens
-                query_token = row % num_query_tokens
-                q_row = (Q_ptr + batch * stride_qb + query_head * stride_qh
-                         + query_token * stride_qt)[None, :]
-                fix = (own * tl.load(q_row + channel, mask=used, other=0.0).to(tl.float32)
-                       + cross * tl.load(q_row + partner, mask=used, other=0.0).to(tl.float32))
-                out = (Out_ptr + batch * stride_sb + query_head[None, :] * stride_sh
-                       + query_token * stride_sq + tokens[:, None])
-                tl.store(out, tl.load(out, mask=used, other=0.0) + fix, mask=used)
+    for chunk in tl.static_range(0, ROWS, ROW_CHUNK):
+        row = first_row + chunk + tl.arange(0, ROW_CHUNK)
+        row_live = (row < num_rows)[None, None, :]
+        query_head = kv_head[None, :, None] * group_size + (row // num_query_tokens)[None, None, :]
+        query_token = (row % num_query_tokens)[None, None, :]
+        q_rows = Q_ptr + batch * stride_qb + query_head * stride_qh + query_token * stride_qt
+        fix = tl.zeros((tokens.shape[0], HEADS, ROW_CHUNK), tl.float32)
+        touched = live & False
+        for slot in tl.static_range(NUM_SLOTS):
+            channel = tl.load(Index_ptr + slots + slot, mask=live, other=0).to(tl.int32)
+            delta = tl.load(Delta_ptr + slots + slot, mask=live, other=0.0).to(tl.float32)
+            first_half = channel < HALF
+            partner = tl.where(first_half, channel + HALF, channel - HALF)
+            sin, cos = _sin_cos(positions * tl.load(
+                InvFreq_ptr + tl.where(first_half, channel, partner)))
+            own = (delta * cos * attention_scaling)[:, :, None]
+            cross = (tl.where(first_half, delta, -delta) * sin * attention_scaling)[:, :, None]
+            used = live & (delta != 0.0)
+            gather = used[:, :, None] & row_live
+            fix += (own * tl.load(q_rows + channel[:, :, None], mask=gather,
+                                  other=0.0).to(tl.float32)
+                    + cross * tl.load(q_rows + partner[:, :, None], mask=gather,
+                                      other=0.0).to(tl.float32))
+            touched = touched | used
+        update = touched[:, :, None] & row_live
+        out = (Out_ptr + batch * stride_sb + query_head * stride_sh + query_token * stride_sq
+               + tokens[:, None, None])
+        tl.store(out, tl.load(out, mask=update, other=0.0) + fix, mask=update)
 
 
 @triton.jit
@@ -418,7 +472,7 @@ def _finish_tile(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr, s
                  pid_t, pid_m, rows, mask_m, num_rows, num_query_tokens, group_size,
                  token_start, num_sink, attention_scaling, HEAD_DIM: tl.constexpr,
                  HEADS: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 CORRECTION_ROWS: tl.constexpr):
+                 CORRECTION_ROWS: tl.constexpr, ROW_CHUNK: tl.constexpr):
     """After a score kernel stored every head's dense scores of its tile: add the sparse
     outliers to them, and (first tile only) write the exact sink tokens' scores."""
     if NUM_SLOTS > 0:  # after every head's dense scores are stored (barrier: other threads')
@@ -427,7 +481,7 @@ def _finish_tile(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr, s
                       stride_oh, stride_ot, InvFreq_ptr, Out_ptr, stride_sb, stride_sh,
                       stride_sq, batch, first_head, tokens, mask_t & (tokens >= num_sink),
                       pid_m * BLOCK_M, num_rows, num_query_tokens, group_size,
-                      attention_scaling, HEAD_DIM, HEADS, NUM_SLOTS, CORRECTION_ROWS)
+                      attention_scaling, HEAD_DIM, HEADS, NUM_SLOTS, CORRECTION_ROWS, ROW_CHUNK)
 
     if pid_t == 0:  # the exact sink tokens of all tiles, kept out of the tile loop
         _sink_scores(Q_ptr, stride_qb, stride_qh, stride_qt, Sink_ptr, stride_kb, stride_kh,
@@ -500,6 +554,7 @@ def _kvquant_key_scores_kernel(
     num_m_blocks, attention_scaling,
     HEAD_DIM: tl.constexpr, BITS: tl.constexpr, NUM_SLOTS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, CORRECTION_ROWS: tl.constexpr,
+    OUTLIER_ROW_CHUNK: tl.constexpr,
     HEADS: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     WORDS: tl.constexpr, COMPUTE: tl.constexpr, PREPARED: tl.constexpr,
 ):
@@ -591,9 +646,20 @@ def _kvquant_key_scores_kernel(
                  Out_ptr, stride_sb, stride_sh, stride_sq, batch, first_head, tokens, mask_t,
                  pid_t, pid_m, rows, mask_m, num_rows, num_query_tokens, group_size,
                  token_start, num_sink, attention_scaling, HEAD_DIM, HEADS, NUM_SLOTS,
-                 BLOCK_M, CORRECTION_ROWS)
+                 BLOCK_M, CORRECTION_ROWS, OUTLIER_ROW_CHUNK)
 
 
+
+
+# Query rows the sparse-outlier pass of a score kernel handles as one tensor (_add_outliers):
+# [tokens, heads, rows] elements per thread grow with it, so prefill-sized row tiles go in chunks
+OUTLIER_ROW_CHUNK = 4
+
+
+def outlier_row_chunk_for(rows: int, block_m: int, chunk: int | None) -> int:
+    """ROW_CHUNK of `_add_outliers` for a tile of `rows` query rows (of block_m)."""
+    correction_rows = min(block_m, triton.next_power_of_2(rows))
+    return min(correction_rows, OUTLIER_ROW_CHUNK if chunk is None else chunk)
 
 
 # ptxas register cap of the v3 score kernel: 4 programs of 4 warps per SM (see key_scores)
@@ -633,7 +699,7 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
                bits, token_start, out, sink=None, block_t=None, num_warps=None, words=None,
                heads_per_program=None, num_stages=None, prepared_queries=True, version=None,
                maxnreg=V3_MAXNREG, prefetch=None, direct_store=None,
-               operands_together=None):
+               operands_together=None, outlier_row_chunk=None):
     """Scores of post-RoPE q [B, H_q, T_q, D] against packed pre-RoPE keys (token t at RoPE
     position t), written into out[..., token_start:T] (out: float32 [B, H_q, T_q, T]).
     sink: the exact pre-RoPE keys [B, H_kv, s, D] of tokens [0, s), used instead of their codes.
@@ -654,7 +720,9 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
     prefetch, direct_store, operands_together: what the version-3 head loop loads one KV head
     ahead, whether it stores scores from the accumulator's registers, whether it loads a head's
     query operands together (None: `kvquant_scores_v3_triton`'s V3_PREFETCH / V3_DIRECT_STORE /
-    V3_OPERANDS_TOGETHER)."""
+    V3_OPERANDS_TOGETHER).
+    outlier_row_chunk: query rows the sparse-outlier pass updates at once (`_add_outliers`;
+    None: `outlier_row_chunk_for`'s default, 0: one row and slot at a time)."""
     from . import kvquant_scores_v3_triton as v3  # it imports this module's device helpers
 
     if version is None:
@@ -664,7 +732,7 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
         return v3.key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq,
                               attention_scaling, bits, token_start, out, sink, block_t,
                               num_warps, words, heads_per_program, num_stages, maxnreg,
-                              prefetch, direct_store, operands_together)
+                              prefetch, direct_store, operands_together, outlier_row_chunk)
     if version != 2:
         raise ValueError(f"version must be 2 or 3, got {version}")
     batch, num_kv_heads, num_tokens, _ = codes.shape
@@ -724,6 +792,7 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
         num_m_blocks, float(attention_scaling),
         HEAD_DIM=head_dim, BITS=bits, NUM_SLOTS=index.shape[-1], BLOCK_T=block_t, BLOCK_M=block_m,
         CORRECTION_ROWS=min(block_m, triton.next_power_of_2(rows)), HEADS=heads,
+        OUTLIER_ROW_CHUNK=outlier_row_chunk_for(rows, block_m, outlier_row_chunk),
         USE_DOT=head_dim >= 16, INPUT_PRECISION=input_precision, WORDS=words, COMPUTE=compute,
         PREPARED=prepared_queries, num_warps=num_warps, num_stages=num_stages,
     )

@@ -58,6 +58,7 @@ V3_CHECKS = [
 # (the default prepares them once per call, see key_scores(prepared_queries=...)).
 SCORE_VARIANTS = [
     dict(version=2, block_t=64, num_warps=4),
+    dict(version=2, block_t=64, num_warps=4, outlier_row_chunk=0),  # row-by-row outlier pass
     # v3: key operand built in the dot's register layout (byte-permute lookups, no shared-memory
     # layout conversions), 128-register cap; defaults bt64 w4
     # v3: launcher defaults, then each load/store option (prefetch: next head's code words one
@@ -72,6 +73,7 @@ SCORE_VARIANTS = [
     dict(version=3, prefetch=0, direct_store=True, operands_together=True),
     dict(version=3, prefetch=1, direct_store=True, operands_together=True),
     dict(version=3, prefetch=2, direct_store=True),
+    dict(version=3, prefetch=1, direct_store=True, operands_together=True, outlier_row_chunk=0),
     dict(version=3, prefetch=1, direct_store=True, operands_together=True, maxnreg=None),
     dict(version=3, prefetch=1, direct_store=True, operands_together=True, maxnreg=160),
     dict(version=3, prefetch=1, direct_store=True, operands_together=True, heads_per_program=4),
@@ -90,7 +92,8 @@ def variant_label(variant: dict) -> str:
     names = {"block_t": "bt", "num_warps": "w", "num_stages": "stages",
              "heads_per_program": "heads", "words": "words", "prepared_queries": "prepared",
              "version": "v", "maxnreg": "maxnreg", "prefetch": "prefetch",
-             "direct_store": "direct", "operands_together": "together"}
+             "direct_store": "direct", "operands_together": "together",
+             "outlier_row_chunk": "outlier_rows"}
     return " ".join(f"{names[key]}{int(value) if isinstance(value, bool) else value}"
                     for key, value in variant.items())
 

@@ -78,7 +78,7 @@ def variants():
     the ptxas register cap the launcher passes, None: uncapped)."""
     base = dict(HEAD_DIM=HEAD_DIM, BITS=BITS, NUM_SLOTS=NUM_SLOTS, BLOCK_T=128, BLOCK_M=16,
                 CORRECTION_ROWS=GROUP, HEADS=8, USE_DOT=True, INPUT_PRECISION="tf32", WORDS=True,
-                COMPUTE=tl.float16)
+                COMPUTE=tl.float16, OUTLIER_ROW_CHUNK=GROUP)
     fn = kq._kvquant_key_scores_kernel
     out = []
     for prepared, name in ((False, "v1 queries rebuilt per tile"),
@@ -86,7 +86,8 @@ def variants():
         for block_t, warps in ((128, 8), (64, 4)):
             out.append((f"{name} bt{block_t} w{warps}", fn,
                         dict(base, BLOCK_T=block_t, PREPARED=prepared), warps, block_t, None))
-    v3 = dict(NUM_SLOTS=NUM_SLOTS, BLOCK_M=16, CORRECTION_ROWS=GROUP, HEADS=8, PRMT=True)
+    v3 = dict(NUM_SLOTS=NUM_SLOTS, BLOCK_M=16, CORRECTION_ROWS=GROUP, HEADS=8, PRMT=True,
+              OUTLIER_ROW_CHUNK=GROUP)
     for block_t, warps in ((64, 4), (128, 8)):
         for cap in (kq.V3_MAXNREG, None):
             for prefetch, direct, together in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0),
