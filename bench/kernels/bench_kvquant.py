@@ -59,30 +59,22 @@ V3_CHECKS = [
 SCORE_VARIANTS = [
     dict(version=2, block_t=64, num_warps=4),
     dict(version=2, block_t=64, num_warps=4, outlier_row_chunk=0),  # row-by-row outlier pass
-    # v3: key operand built in the dot's register layout (byte-permute lookups, no shared-memory
-    # layout conversions), 128-register cap; defaults bt64 w4
-    # v3: launcher defaults, then each load/store option (prefetch: next head's code words one
+    # v3 (key operand built in the dot's register layout, 128-register cap, bt64 w4): launcher
+    # defaults, then each load/store option (prefetch: next head's code words one
     # head ahead; direct: scores stored from the accumulator layout; together: a head's query
     # operands in one shared-memory round)
     dict(version=3),
-    dict(version=3, prefetch=0, direct_store=False, operands_together=False),  # as of run 6
-    dict(version=3, prefetch=1, direct_store=False, operands_together=False),
+    dict(version=3, prefetch=0, direct_store=False, operands_together=False,
+         outlier_row_chunk=0),  # v3 as of run 6
     dict(version=3, prefetch=0, direct_store=True, operands_together=False),
     dict(version=3, prefetch=1, direct_store=True, operands_together=False),
     dict(version=3, prefetch=1, direct_store=False, operands_together=True),
-    dict(version=3, prefetch=0, direct_store=True, operands_together=True),
     dict(version=3, prefetch=1, direct_store=True, operands_together=True),
     dict(version=3, prefetch=2, direct_store=True),
     dict(version=3, prefetch=1, direct_store=True, operands_together=True, outlier_row_chunk=0),
     dict(version=3, prefetch=1, direct_store=True, operands_together=True, maxnreg=None),
-    dict(version=3, prefetch=1, direct_store=True, operands_together=True, maxnreg=160),
-    dict(version=3, prefetch=1, direct_store=True, operands_together=True, heads_per_program=4),
     dict(version=3, block_t=128, num_warps=8, prefetch=1, direct_store=True,
          operands_together=True),
-    dict(version=3, block_t=128, num_warps=8, prefetch=0, direct_store=True,
-         operands_together=True),
-    dict(version=3, block_t=128, num_warps=8, prefetch=1, direct_store=True,
-         operands_together=False),
     dict(version=3, block_t=128, num_warps=8, prefetch=1, direct_store=True,
          operands_together=True, maxnreg=None),
 ]
