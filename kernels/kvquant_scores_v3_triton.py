@@ -362,14 +362,15 @@ def _kvquant_key_scores_v3_kernel(
 
 
 # What the head loop loads one head ahead: 0 nothing, 1 the code words, 2 code words and query
-# operands (see the kernel)
+# operands (see the kernel; 2 spills at the 128-register cap: 0.162 ms at 128K on the H100)
 V3_PREFETCH = 1
 # Store the scores from the accumulator's register layout (inline PTX) instead of tl.store's
 # conversion through shared memory (see _store_from_accumulator)
-V3_DIRECT_STORE = False  # until timed on a GPU (run 7)
+V3_DIRECT_STORE = True
 # Load a head's three query operands together (one shared-memory store round and barrier pair
-# per head instead of one per dot; 12 KB of shared memory instead of 4)
-V3_OPERANDS_TOGETHER = True
+# per head instead of one per dot; 12 KB of shared memory instead of 4): fewer barriers offline,
+# but slower on the H100 with the direct store (run 7: 0.0926 vs 0.0898 ms at 128K)
+V3_OPERANDS_TOGETHER = False
 
 
 def v3_fits(q: torch.Tensor, head_dim: int, bits: int, words: bool | None = None) -> bool:
