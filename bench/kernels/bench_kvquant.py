@@ -351,6 +351,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--tokens", default="8192,32768,131072,524288")
     parser.add_argument("--smoke", action="store_true", help="CPU interpreter dry run")
+    parser.add_argument("--default-variants", action="store_true",
+                        help="time only the launcher defaults of each version (device time)")
     parser.add_argument("--correctness-cases", type=int, default=None,
                         help="check only the first N correctness cases (device time)")
     parser.add_argument("--ablate", action="store_true",
@@ -385,6 +387,8 @@ def main() -> None:
         print(json.dumps(results["kernel_stats"]))
         Path(args.out).write_text(json.dumps(results, indent=1))
         return
+    if args.default_variants:
+        SCORE_VARIANTS[:] = [dict(version=2, block_t=64, num_warps=4), dict(version=3)]
     if args.correctness_cases is not None:
         del CORRECTNESS_CASES[args.correctness_cases:]
     results["correctness"] = check_correctness(device)
