@@ -89,6 +89,7 @@ class KVQuantCodec(KVCodec):
         value_bits: int | None = None,
         avg_bits: float | None = None,
         value_outliers: float | None = None,
+        key_outliers: float | None = None,
         model_id: str | None = None,
         num_layers: int | None = None,
         use_triton: bool | None = None,
@@ -100,7 +101,10 @@ class KVQuantCodec(KVCodec):
         numbers) gives every layer its own key and value bit widths from the artifact's measured
         sensitivities (`KVQuantCalibration.allocate_bits`; excludes bits/key_bits/value_bits);
         `value_outliers` sets the values' sparse slots apart from the keys' (default `outliers`;
-        value outliers are chosen online, so any fraction fits the artifact);
+        value outliers are chosen online, so any fraction fits the artifact); `key_outliers` sets
+        the keys' slots per vector apart from `outliers` (default `outliers`), whose fraction
+        stays the one the artifact's key ranges were calibrated for (the slots hold the
+        elements farthest outside those ranges, so more slots catch more of them);
         `model_id` and `num_layers`, where given, must match the artifact (a clear error
         otherwise)."""
         super().__init__(head_dim=head_dim, use_triton=use_triton)
@@ -134,10 +138,15 @@ class KVQuantCodec(KVCodec):
         if not 0.0 <= self.value_outliers < 0.5:
             raise ValueError(
                 f"value_outliers must be a fraction in [0, 0.5), got {self.value_outliers}")
-        self.num_slots = reference.outlier_slots(outliers, head_dim)
+        self.key_outliers = outliers if key_outliers is None else float(key_outliers)
+        if not 0.0 <= self.key_outliers < 0.5:
+            raise ValueError(
+                f"key_outliers must be a fraction in [0, 0.5), got {self.key_outliers}")
+        self.num_slots = reference.outlier_slots(self.key_outliers, head_dim)
         self.value_slots = reference.outlier_slots(self.value_outliers, head_dim)
         if max(self.num_slots, self.value_slots) >= head_dim:
-            raise ValueError(f"outliers={outliers} / value_outliers={self.value_outliers} leave "
+            raise ValueError(f"key_outliers={self.key_outliers} / value_outliers="
+                             f"{self.value_outliers} leave "
                              f"no dense channels at head_dim {head_dim}")
         self.index_dtype = torch.uint8 if head_dim <= 256 else torch.int16
         self.layer = None
@@ -157,6 +166,8 @@ class KVQuantCodec(KVCodec):
         }
         if self.value_outliers != self.outliers:
             params["value_outliers"] = self.value_outliers
+        if self.key_outliers != self.outliers:
+            params["key_outliers"] = self.key_outliers
         if self.allocation is not None:  # every layer's widths, so all layers share one identity
             params["avg_bits"] = self.avg_bits
             params["key_bits"], params["value_bits"] = self.allocation

@@ -27,8 +27,19 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("KVPACK_SHARED_DATA", REPO.parent / "shared" / "data"))
 TEXT = SHARED / "text" / "wikitext-2-raw" / "wiki.test.raw"
 CALIBRATION_TEXT = SHARED / "text" / "wikitext-2" / "valid.txt"
-CALIBRATION = (Path.home() / ".cache" / "kvpack" / "calibration"
-               / "smollm2-wt2valid-4096-sens512.safetensors")
+CALIBRATION_DIR = Path.home() / ".cache" / "kvpack" / "calibration"
+# KVQuant artifacts, all fitted on the first 4096 tokens of wikitext-2 valid (512-token windows,
+# codebooks for 2, 3, 4 bits, `kvpack calibrate`'s default codebooks: evenly spaced 4-bit keys,
+# k-means elsewhere): name -> (file, the flags that differ). "1%": key ranges at the 0.5/99.5%
+# quantiles, one outlier slot, per-layer sensitivities on the first 512 tokens (for avg_bits);
+# "2%": key ranges at the 1/99% quantiles (two key slots by default), no sensitivities.
+CALIBRATIONS: dict[str, tuple[str, list[str]]] = {
+    "1%": ("smollm2-wt2valid-4096-sens512-evenk4.safetensors",
+           ["--outliers", "0.01", "--sensitivity-tokens", "512"]),
+    "2%": ("smollm2-wt2valid-4096-r2-evenk4.safetensors",
+           ["--outliers", "0.02", "--sensitivity-tokens", "0"]),
+}
+CALIBRATION = CALIBRATION_DIR / CALIBRATIONS["1%"][0]  # the default artifact
 OUT = REPO / "bench" / "results" / "fidelity_smollm2.json"
 
 # (label, method, params); the QJL sizes are picked for ~3.3 and ~4.3 bits at head_dim 64.
@@ -51,6 +62,16 @@ METHODS: list[tuple[str, str, dict]] = [
     ("KVQuant mixed ~3.3 b", "kvquant", {"avg_bits": 2.66, "outliers": 0.01}),
     ("KVQuant mixed 3.64 b", "kvquant", {"avg_bits": 3.0, "outliers": 0.01}),  # = KVQuant-3's
     ("KVQuant mixed ~4.3 b", "kvquant", {"avg_bits": 3.66, "outliers": 0.01}),
+    # picked by fake-quant KL on held-out text (bench/eval/kvquant_screen.py, docs/eval.md):
+    # more fp16 sink tokens (0.016 bits each at 1024 tokens), and for 4-bit codes key ranges at
+    # the 1/99% quantiles with two key slots, one value slot
+    ("KVQuant mixed ~4.3 b + 4 sinks", "kvquant", {"avg_bits": 3.66, "outliers": 0.01,
+                                                  "sink_tokens": 4}),
+    ("KVQuant-4 K 2% 2 slots", "kvquant", {"bits": 4, "outliers": 0.02, "value_outliers": 0.01,
+                                           "calibration": "2%"}),
+    ("KVQuant-4 K 2% 2 slots + 8 sinks", "kvquant", {"bits": 4, "outliers": 0.02,
+                                                    "value_outliers": 0.01, "sink_tokens": 8,
+                                                    "calibration": "2%"}),
     ("HF quanto int2", "hf-quanto", {"bits": 2}),
     ("HF quanto int4", "hf-quanto", {"bits": 4}),
 ]
@@ -76,30 +97,38 @@ def _evaluate(label: str, method: str, params: dict, prefill_tokens: int) -> dic
     from kvpack.inference.methods import MethodSpec
 
     loaded, tokens = _worker["loaded"], _worker["tokens"]
+    artifact = None
     if method == "hf-quanto":
         result = hf_quanto_perplexity(loaded, tokens, bits=params["bits"],
                                       prefill_tokens=prefill_tokens)
     else:
         if method == "kvquant":
-            params = {**params, "calibration": str(CALIBRATION)}
+            artifact = CALIBRATIONS[params.get("calibration", "1%")][0]
+            params = {**params, "calibration": str(CALIBRATION_DIR / artifact)}
         result = codec_perplexity(loaded, tokens, MethodSpec.of(method, params),
                                   prefill_tokens=prefill_tokens)
     data = {"label": label, **result.to_json()}
     data["params"].pop("calibration", None)
+    if artifact is not None:
+        data["calibration_artifact"] = artifact
     return data
 
 
-def ensure_calibration(model_path: str) -> None:
-    if CALIBRATION.exists():
-        return
+def ensure_calibration(model_path: str, names) -> None:
+    """Make the named KVQuant artifacts that are not cached yet (~7 minutes with sensitivities
+    on the 2-core dev VM, ~1 without)."""
     from kvpack.cli import main
 
-    code = main(["calibrate", "--model", model_path, "--text", str(CALIBRATION_TEXT),
-                 "--tokens", "4096", "--sequence-length", "512", "--bits", "2,3,4",
-                 "--outliers", "0.01", "--sensitivity-tokens", "512", "--out", str(CALIBRATION),
-                 "--quiet"])
-    if code:
-        sys.exit(f"calibration failed ({code})")
+    for name in names:
+        file, flags = CALIBRATIONS[name]
+        out = CALIBRATION_DIR / file
+        if out.exists():
+            continue
+        code = main(["calibrate", "--model", model_path, "--text", str(CALIBRATION_TEXT),
+                     "--tokens", "4096", "--sequence-length", "512", "--bits", "2,3,4", *flags,
+                     "--out", str(out), "--quiet"])
+        if code:
+            sys.exit(f"calibration {name} failed ({code})")
 
 
 def main() -> int:
@@ -110,14 +139,17 @@ def main() -> int:
     parser.add_argument("--only", default=None, help="comma-separated labels (default: all)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the existing report's rows of the methods not run now")
+    parser.add_argument("--note", default=None,
+                        help="with --merge: which rows come from which run (kept in the JSON)")
     args = parser.parse_args()
 
     from kvpack.models import fetch_smollm2
 
     model_path = str(fetch_smollm2())
     started = time.time()
-    ensure_calibration(model_path)
     methods = [m for m in METHODS if args.only is None or m[0] in args.only.split(",")]
+    ensure_calibration(model_path, sorted({p.get("calibration", "1%") for _, method, p in methods
+                                           if method == "kvquant"}))
     results: dict[str, dict] = {}
     with ProcessPoolExecutor(args.workers, initializer=_init_worker,
                              initargs=(model_path, args.tokens)) as pool:
@@ -137,6 +169,8 @@ def main() -> int:
         "text": "wikitext-2-raw/wiki.test.raw",
         "calibration_text": "wikitext-2/valid.txt (4096 tokens, 512-token windows; per-layer "
                             "sensitivities on its first 512 tokens)",
+        "calibration_artifacts": {name: {"file": file, "flags": " ".join(flags)}
+                                  for name, (file, flags) in CALIBRATIONS.items()},
         "tokens": args.tokens,
         "prefill_tokens": args.prefill_tokens,
         "protocol": "no BOS; prefill then teacher-forced decode through the cache; tokens 1..N-1 "
@@ -152,6 +186,8 @@ def main() -> int:
         previous.update(results)
         report["results"] = [previous[label] for label, _, _ in METHODS if label in previous]
         report["wall_seconds"] = None  # rows come from more than one run
+        if args.note:
+            report["note"] = args.note
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {OUT}", flush=True)

@@ -192,7 +192,7 @@ def _calibration():
     from kvpack.kernels.kvquant_calibration import KVQuantCalibration
 
     default = (Path.home() / ".cache" / "kvpack" / "calibration"
-               / "smollm2-wt2valid-4096-sens512.safetensors")
+               / "smollm2-wt2valid-4096-sens512-evenk4.safetensors")
     return KVQuantCalibration.load(os.environ.get("KVQ_DIAG_CALIBRATION", default))
 
 

@@ -11,7 +11,10 @@ For each layer (research/kvquant.md §1.2, §1.6):
   by F: a few thousand calibration tokens give a value Fisher so heavy-tailed (0.1% of the
   elements hold up to 70% of a layer's mass) that the value codebook fits a handful of points and
   loses to an evenly spaced one (SmolLM2: 4-bit values alone +2.4% ppl with F, +0.9% without;
-  docs/eval.md); values weigh by s^2 only (`fisher_weighting`);
+  docs/eval.md); values weigh by s^2 only (`fisher_weighting`). Bit widths in `even_key_bits` /
+  `even_value_bits` get the evenly spaced grid over [-1, 1] instead: by default 4-bit keys,
+  whose k-means codebook loses to it on SmolLM2 (held-out KL of the 4-bit codec 20.3e-3 vs
+  16.6e-3; docs/eval.md "KVQuant against KIVI-4");
 - Q-Norm: lut = centroids * sigma1/sigma2 + (m1 - m2 * sigma1/sigma2), matching mean and std of
   the quantized inliers (m2, sigma2) to the data (m1, sigma1).
 """
@@ -60,24 +63,39 @@ def qnorm_constants(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tens
     return torch.stack((scale, mean_data - mean_snapped * scale)).float()
 
 
-def _codebooks(points, weights, bits_list):
-    """Per bit width: (sorted centroids, Q-Norm constants)."""
+def evenly_spaced_codebook(bits: int) -> torch.Tensor:
+    """2**bits points evenly spaced over the normalized range [-1, 1], both ends included (the
+    grid of min-max integer quantization)."""
+    return torch.linspace(-1.0, 1.0, 1 << bits)
+
+
+def _codebooks(points, weights, bits_list, evenly_spaced=()):
+    """Per bit width: (sorted centroids, Q-Norm constants). Widths in `evenly_spaced` get the
+    evenly spaced grid instead of the weighted k-means fit."""
     centroids, norms = {}, {}
     for bits in bits_list:
-        centroids[bits] = weighted_kmeans_1d(points, weights, 1 << bits)
+        if bits in evenly_spaced:
+            centroids[bits] = evenly_spaced_codebook(bits)
+        else:
+            centroids[bits] = weighted_kmeans_1d(points, weights, 1 << bits)
         norms[bits] = qnorm_constants(points.float(), centroids[bits])
     return centroids, norms
 
 
 FISHER_WEIGHTING = ("keys", "both", "values", "none")
+# Bit widths whose codebooks are evenly spaced instead of k-means fitted (defaults: docs/eval.md).
+EVEN_KEY_BITS: tuple[int, ...] = (4,)
+EVEN_VALUE_BITS: tuple[int, ...] = ()
 
 
 def calibrate_layer(
     acts: LayerActivations, *, bits_list: list[int], outliers: float,
-    fisher_weighting: str = "keys",
+    fisher_weighting: str = "keys", even_key_bits=EVEN_KEY_BITS, even_value_bits=EVEN_VALUE_BITS,
 ) -> dict[str, Any]:
     """One layer's constants from its activations and Fisher information. `fisher_weighting`
-    says which codebooks weigh each element by its Fisher information (all weigh by s^2)."""
+    says which codebooks weigh each element by its Fisher information (all weigh by s^2);
+    `even_key_bits` / `even_value_bits`: the bit widths whose key / value codebook is evenly
+    spaced in [-1, 1] instead of fitted by k-means."""
     if fisher_weighting not in FISHER_WEIGHTING:
         raise ValueError(f"fisher_weighting must be one of {FISHER_WEIGHTING}, "
                          f"got {fisher_weighting!r}")
@@ -90,7 +108,8 @@ def calibrate_layer(
     inlier = normalized.abs() <= 1
     key_weights = (acts.key_fisher if key_fisher else torch.ones_like(acts.keys)) \
         * key_scale.square()
-    key_centroids, key_qnorm = _codebooks(normalized[inlier], key_weights[inlier], bits_list)
+    key_centroids, key_qnorm = _codebooks(normalized[inlier], key_weights[inlier], bits_list,
+                                          even_key_bits)
 
     num_slots = reference.outlier_slots(outliers, acts.values.shape[-1])
     index, zero, scale = reference.value_ranges(acts.values, num_slots)
@@ -100,7 +119,7 @@ def calibrate_layer(
     value_weights = (acts.value_fisher if value_fisher else torch.ones_like(acts.values)) \
         * scale.square()
     value_centroids, value_qnorm = _codebooks(
-        value_normalized[value_inlier], value_weights[value_inlier], bits_list
+        value_normalized[value_inlier], value_weights[value_inlier], bits_list, even_value_bits
     )
     return {
         "key_zero": key_zero, "key_scale": key_scale,
@@ -163,16 +182,18 @@ def model_activations(model, shape: ModelShape, sequences: torch.Tensor, *, sink
 def calibration_from_activations(
     activations: list[LayerActivations], shape: ModelShape, *, bits_list: list[int],
     outliers: float, sink_tokens: int, text_sha256: str, num_tokens: int, sequence_length: int,
-    progress: bool = True, fisher_weighting: str = "keys",
+    progress: bool = True, fisher_weighting: str = "keys", even_key_bits=EVEN_KEY_BITS,
+    even_value_bits=EVEN_VALUE_BITS,
 ) -> KVQuantCalibration:
     """Fit every layer's constants (one pass of Fisher collection serves several settings)."""
-    for bits in bits_list:
+    for bits in (*bits_list, *even_key_bits, *even_value_bits):
         reference.check_bits(bits)
     if not 0.0 <= outliers < 0.5:
         raise ValueError(f"outliers must be a fraction in [0, 0.5), got {outliers}")
     layers = [
         calibrate_layer(acts, bits_list=bits_list, outliers=outliers,
-                        fisher_weighting=fisher_weighting)
+                        fisher_weighting=fisher_weighting, even_key_bits=even_key_bits,
+                        even_value_bits=even_value_bits)
         for acts in tqdm(activations, desc="calibrate: codebooks", unit="layer",
                          disable=not progress)
     ]
@@ -192,6 +213,8 @@ def calibration_from_activations(
         "num_tokens": num_tokens,
         "sequence_length": sequence_length,
         "fisher_weighting": fisher_weighting,
+        "even_key_bits": sorted(b for b in set(even_key_bits) if b in bits_list),
+        "even_value_bits": sorted(b for b in set(even_value_bits) if b in bits_list),
     }
 
     def stack(name: str, bits: int | None = None) -> torch.Tensor:
@@ -224,6 +247,7 @@ def calibrate_model(
     model, sequences: torch.Tensor, *, model_id: str, bits_list: list[int], outliers: float,
     sink_tokens: int, text_sha256: str, progress: bool = True,
     sensitivity_sequences: torch.Tensor | None = None, fisher_weighting: str = "keys",
+    even_key_bits=EVEN_KEY_BITS, even_value_bits=EVEN_VALUE_BITS,
 ) -> KVQuantCalibration:
     """Calibrate every layer of a HF Llama-family causal LM on token sequences [S, L]; with
     `sensitivity_sequences`, also measure per-layer sensitivities on them (for avg_bits)."""
@@ -236,7 +260,8 @@ def calibrate_model(
         activations, shape, bits_list=bits_list, outliers=outliers, sink_tokens=sink_tokens,
         text_sha256=text_sha256, num_tokens=int(sequences.numel()),
         sequence_length=int(sequences.shape[1]), progress=progress,
-        fisher_weighting=fisher_weighting,
+        fisher_weighting=fisher_weighting, even_key_bits=even_key_bits,
+        even_value_bits=even_value_bits,
     )
     if sensitivity_sequences is not None and sensitivity_sequences.numel():
         add_sensitivity(model, calibration, sensitivity_sequences, progress=progress)

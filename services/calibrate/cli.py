@@ -20,6 +20,13 @@ def bits_list(value: str) -> list[int]:
     return bits
 
 
+def optional_bits_list(value: str) -> list[int]:
+    """Comma-separated bit widths among 2,3,4, or "none" for no width."""
+    if value.strip().lower() in ("none", ""):
+        return []
+    return bits_list(value)
+
+
 def fraction(value: str) -> float:
     try:
         number = float(value)
@@ -53,6 +60,20 @@ def add_parser(subparsers, name: str, help_text: str) -> None:
                         default="keys",
                         help="codebooks whose k-means weighs elements by their Fisher "
                              "information (all weigh by the squared scale) (default %(default)s)")
+    from kvpack.calibrate.calibrate import EVEN_KEY_BITS, EVEN_VALUE_BITS
+
+    def widths(default) -> str:
+        return ",".join(map(str, default)) or "none"
+
+    parser.add_argument("--even-key-bits", type=optional_bits_list, default=list(EVEN_KEY_BITS),
+                        help="bit widths whose key codebook is evenly spaced in the calibrated "
+                             "range instead of fitted by weighted k-means, comma-separated or "
+                             f"none (default {widths(EVEN_KEY_BITS)}: on SmolLM2 evenly spaced "
+                             "4-bit keys beat k-means, docs/eval.md)")
+    parser.add_argument("--even-value-bits", type=optional_bits_list,
+                        default=list(EVEN_VALUE_BITS),
+                        help="the same for value codebooks "
+                             f"(default {widths(EVEN_VALUE_BITS)})")
     parser.add_argument("--sensitivity-tokens", type=non_negative_int, default=512,
                         help="calibration tokens (the first ones of --text, in "
                              "--sequence-length windows) on which each layer's measured "
@@ -105,6 +126,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
             outliers=args.outliers, sink_tokens=args.sink_tokens,
             text_sha256=hashlib.sha256(raw).hexdigest(), progress=not args.quiet,
             sensitivity_sequences=sensitivity, fisher_weighting=args.fisher_weighting,
+            even_key_bits=tuple(args.even_key_bits), even_value_bits=tuple(args.even_value_bits),
         )
     except (ValueError, OSError) as error:
         raise SystemExit(f"{prog}: {error}") from None

@@ -21,6 +21,7 @@ METHOD_FLAGS: dict[str, tuple[str, type, tuple[str, ...]]] = {
     "key_bits": ("key_bits", int, ("kvquant",)),
     "avg_bits": ("avg_bits", float, ("kvquant",)),
     "value_outliers": ("value_outliers", float, ("kvquant",)),
+    "key_outliers": ("key_outliers", float, ("kvquant",)),
     "calibration": ("calibration", str, ("kvquant",)),
     "outliers": ("outliers", float, ("kvquant",)),
     "sink_tokens": ("sink_tokens", int, ("kvquant",)),

@@ -80,6 +80,10 @@ def test_stories_artifact_holds_the_model_and_round_trips(stories_artifact, shar
     assert meta["model_id"] == "llama2c:stories260K" and len(meta["text_sha256"]) == 64
     assert meta["rope"]["rope_theta"] == 10000.0
     assert meta["fisher_weighting"] == "keys" and meta["sensitivity_tokens"] == 512
+    # default codebooks: evenly spaced 4-bit keys, k-means fits elsewhere
+    assert meta["even_key_bits"] == [4] and meta["even_value_bits"] == []
+    torch.testing.assert_close(calibration.key_centroids[4],
+                               torch.linspace(-1, 1, 16).expand(5, -1))
     # measured per-layer sensitivities: [layers, bits], positive, mostly falling with bits
     for table in (calibration.key_sensitivity, calibration.value_sensitivity):
         assert table.shape == (5, 3) and (table >= 0).all() and (table[:, 0] > 0).all()
@@ -136,12 +140,44 @@ def test_mismatched_artifacts_are_clear_errors(stories_artifact, tmp_path):
         make_codec("kvquant", head_dim=8, calibration=str(only_three), bits=2)
 
 
+def test_cli_codebook_choice_and_artifacts_without_it(stories_artifact, shared_data, tmp_path):
+    """--even-key-bits / --even-value-bits choose the evenly spaced codebooks; artifacts written
+    before the choice existed (no such metadata) still load and serve."""
+    out = tmp_path / "choice.safetensors"
+    code = main(["calibrate", "--model", str(shared_data / "models" / "stories260K"),
+                 "--text", str(shared_data / "text" / "wikitext-2" / "valid.txt"),
+                 "--tokens", "256", "--sequence-length", "256", "--bits", "2,4",
+                 "--even-key-bits", "none", "--even-value-bits", "2,4",
+                 "--sensitivity-tokens", "0", "--out", str(out), "--quiet"])
+    assert code == 0
+    calibration = KVQuantCalibration.load(out)
+    assert calibration.metadata["even_key_bits"] == []
+    assert calibration.metadata["even_value_bits"] == [2, 4]
+    for bits in (2, 4):
+        torch.testing.assert_close(calibration.value_centroids[bits],
+                                   torch.linspace(-1, 1, 1 << bits).expand(5, -1))
+    assert not torch.allclose(calibration.key_centroids[4],
+                              torch.linspace(-1, 1, 16).expand(5, -1), atol=1e-2)
+    old = KVQuantCalibration.load(stories_artifact)
+    for name in ("even_key_bits", "even_value_bits"):
+        del old.metadata[name]
+    old.save(tmp_path / "old.safetensors")
+    codec = make_codec("kvquant", head_dim=8, calibration=str(tmp_path / "old.safetensors"),
+                       bits=4, layer=0)
+    keys = codec.encode_keys(torch.randn(1, 4, 3, 8))
+    assert codec.dequantize_keys(keys).shape == (1, 4, 3, 8)
+
+
 def test_cli_errors_are_one_line(shared_data, tmp_path, capsys):
     text = shared_data / "text" / "wikitext-2" / "valid.txt"
     with pytest.raises(SystemExit) as bad_bits:
         main(["calibrate", "--model", "x", "--text", str(text), "--tokens", "8", "--bits", "5",
               "--out", str(tmp_path / "a")])
     assert bad_bits.value.code == 2 and "bit widths must be among 2,3,4" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad_even:
+        main(["calibrate", "--model", "x", "--text", str(text), "--tokens", "8",
+              "--even-key-bits", "4,5", "--out", str(tmp_path / "a")])
+    assert bad_even.value.code == 2 and "bit widths must be among 2,3,4" in capsys.readouterr().err
     with pytest.raises(SystemExit) as missing:
         main(["calibrate", "--model", str(tmp_path / "nope"), "--text", str(tmp_path / "none.txt"),
               "--tokens", "8", "--out", str(tmp_path / "a")])

@@ -97,3 +97,56 @@ def test_s_squared_weighting_lowers_the_fisher_weighted_error():
 
     fisher_only = weighted_kmeans_1d(normalized, fisher, 4)
     assert weighted_error(layer["key_centroids"][2]) < 0.5 * weighted_error(fisher_only)
+
+
+def test_evenly_spaced_codebooks_where_asked():
+    """even_key_bits / even_value_bits replace the k-means fit by the grid of min-max integer
+    quantization over [-1, 1]: its in-range error is at most half a step everywhere, where the
+    k-means codebook, crowding the dense middle, leaves wider gaps near the ends of the range."""
+    g = torch.Generator().manual_seed(6)
+    keys = torch.randn(3000, 2, 16, generator=g)
+    values = torch.randn(3000, 2, 16, generator=g)
+    fisher = torch.rand(3000, 2, 16, generator=g)
+    acts = LayerActivations(keys, fisher, values, fisher.clone())
+    layer = calibrate_layer(acts, bits_list=[2, 3, 4], outliers=0.01, even_key_bits=(4,),
+                            even_value_bits=(2,))
+    fitted = calibrate_layer(acts, bits_list=[2, 3, 4], outliers=0.01, even_key_bits=(),
+                             even_value_bits=())
+    torch.testing.assert_close(layer["key_centroids"][4], torch.linspace(-1, 1, 16))
+    torch.testing.assert_close(layer["value_centroids"][2], torch.linspace(-1, 1, 4))
+    for kind, bits in (("key", 2), ("key", 3), ("value", 3), ("value", 4)):  # still k-means
+        torch.testing.assert_close(layer[f"{kind}_centroids"][bits],
+                                   fitted[f"{kind}_centroids"][bits])
+    assert not torch.allclose(fitted["key_centroids"][4], torch.linspace(-1, 1, 16), atol=1e-2)
+    # Q-Norm constants belong to the codebook actually stored
+    normalized = (keys - layer["key_zero"]) / layer["key_scale"]
+    inliers = normalized[normalized.abs() <= 1]
+    torch.testing.assert_close(layer["key_qnorm"][4],
+                               qnorm_constants(inliers, torch.linspace(-1, 1, 16)))
+
+    def worst_error(centroids):
+        return float((inliers - centroids[_assign(inliers, centroids)]).abs().max())
+
+    assert worst_error(layer["key_centroids"][4]) <= 1 / 15 + 1e-6
+    assert worst_error(fitted["key_centroids"][4]) > 1.5 / 15
+
+
+def test_default_codebooks_and_bad_widths():
+    """The defaults (docs/eval.md): evenly spaced 4-bit keys, k-means everywhere else."""
+    from kvpack.calibrate.calibrate import (
+        EVEN_KEY_BITS,
+        EVEN_VALUE_BITS,
+        calibration_from_activations,
+    )
+
+    assert (EVEN_KEY_BITS, EVEN_VALUE_BITS) == ((4,), ())
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2000, 1, 8, generator=g)
+    acts = LayerActivations(x, torch.ones_like(x), x.clone(), torch.ones_like(x))
+    layer = calibrate_layer(acts, bits_list=[3, 4], outliers=0.01)
+    torch.testing.assert_close(layer["key_centroids"][4], torch.linspace(-1, 1, 16))
+    assert not torch.allclose(layer["value_centroids"][4], torch.linspace(-1, 1, 16), atol=1e-2)
+    with pytest.raises(ValueError, match="bits"):
+        calibration_from_activations([acts], None, bits_list=[4], outliers=0.01, sink_tokens=1,
+                                     text_sha256="", num_tokens=0, sequence_length=1,
+                                     progress=False, even_key_bits=(5,))

@@ -275,3 +275,46 @@ def test_avg_bits_gives_each_layer_its_allocated_widths():
                    avg_bits=3.0)
     with pytest.raises(ValueError, match="value_outliers"):
         _codec(calibration, value_outliers=0.6)
+
+
+@pytest.mark.parametrize("key_outliers", [0.0, 0.04])
+def test_key_outlier_slots_apart_from_the_calibrated_fraction(key_outliers):
+    """key_outliers sets the keys' slots per vector; the artifact's fraction still sets the key
+    ranges (and stays the checked one). Both paths store the same slots; more slots catch more of
+    the elements outside the ranges, so the key error falls; the bytes count the slots."""
+    calibration = random_calibration(head_dim=64, num_kv_heads=2, outliers=0.01,
+                                     uniform_codebooks=True)
+    g = torch.Generator().manual_seed(12)
+    # ~5% of the elements outside the ranges: most vectors hold more than one
+    k = keys_like(calibration, 1, batch=2, num_tokens=33, generator=g, outlier_rate=0.05)
+    q = torch.randn(2, 4, 3, 64, generator=g)
+    slots = reference.outlier_slots(key_outliers, 64)
+    results = {}
+    for use_triton in (True, False):
+        codec = _codec(calibration, bits=4, key_outliers=key_outliers, use_triton=use_triton)
+        assert (codec.num_slots, codec.value_slots) == (slots, 1)
+        keys = codec.encode_keys(k)
+        results[use_triton] = (keys, codec.key_scores(q, keys))
+    (keys_t, scores_t), (keys_r, scores_r) = results.values()
+    assert keys_r.fields["outlier_index"].shape[-1] == slots
+    assert torch.equal(keys_t.used()["codes"], keys_r.used()["codes"])
+    assert torch.equal(keys_t.used()["outlier_index"], keys_r.used()["outlier_index"])
+    torch.testing.assert_close(scores_t, scores_r, rtol=1e-4, atol=1e-4)
+    vectors, sink = 2 * 2 * 33, 2 * 2 * 64 * 2
+    assert codec.nbytes(keys_r) == vectors * (64 * 4 // 8 + 3 * slots) + sink
+
+    def key_error(codec):
+        return float((codec.dequantize_keys(codec.encode_keys(k)) - k).norm() / k.norm())
+
+    one_slot = _codec(calibration, bits=4, use_triton=False)
+    if slots > 1:
+        assert key_error(codec) < 0.8 * key_error(one_slot)
+    else:
+        assert key_error(codec) > key_error(one_slot)
+    # part of the identity; the default (None) is the calibrated fraction
+    assert codec.fingerprint() != one_slot.fingerprint()
+    assert codec.params()["key_outliers"] == key_outliers
+    assert "key_outliers" not in one_slot.params()
+    assert _codec(calibration, bits=4, key_outliers=0.01).fingerprint() == one_slot.fingerprint()
+    with pytest.raises(ValueError, match="key_outliers"):
+        _codec(calibration, key_outliers=0.5)
