@@ -16,11 +16,11 @@ import triton.language as tl
 from .codec import triton_interpret_enabled
 from .gqa import query_group
 from .kvquant_triton import (
-    outlier_row_chunk_for,
     _finish_tile,
     _heads_per_program,
     _sin_cos,
     _store_dense_scores,
+    outlier_row_chunk_for,
 )
 
 
