@@ -330,55 +330,11 @@ def _add_outliers(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr, 
     One pass over [tokens, heads] after the head loop: the per-outlier work (loads, sin/cos) is
     spread over all threads once instead of being repeated by the threads of each head's tile,
     and only the real query rows (not the padded tile) gather q and update the scores (only
-    where a slot holds an outlier: unused slots carry delta 0). ROW_CHUNK > 0: ROW_CHUNK rows at
-    a time as one [tokens, heads, rows] tensor, all slots summed before one read-modify-write of
-    the scores, so the gathers and updates of all rows and slots are in flight together;
-    ROW_CHUNK 0: one row and slot at a time (a chain of dependent memory round trips)."""
-    if ROW_CHUNK > 0:
-        _add_outliers_chunked(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr,
-                              stride_ob, stride_oh, stride_ot, InvFreq_ptr, Out_ptr, stride_sb,
-                              stride_sh, stride_sq, batch, first_head, tokens, live_t,
-                              first_row, num_rows, num_query_tokens, group_size,
-                              attention_scaling, HEAD_DIM, HEADS, NUM_SLOTS, ROWS, ROW_CHUNK)
-    else:
-        HALF: tl.constexpr = HEAD_DIM // 2
-        kv_head = first_head + tl.arange(0, HEADS)
-        live = live_t[:, None] & (kv_head >= 0)[None, :]  # [T, H]
-        slots = batch * stride_ob + kv_head[None, :] * stride_oh + tokens[:, None] * stride_ot
-        positions = tokens.to(tl.float32)[:, None]
-        for slot in tl.static_range(NUM_SLOTS):
-            channel = tl.load(Index_ptr + slots + slot, mask=live, other=0).to(tl.int32)
-            delta = tl.load(Delta_ptr + slots + slot, mask=live, other=0.0).to(tl.float32)
-            first_half = channel < HALF
-            partner = tl.where(first_half, channel + HALF, channel - HALF)
-            sin, cos = _sin_cos(positions * tl.load(
-                InvFreq_ptr + tl.where(first_half, channel, partner)))
-            own = delta * cos * attention_scaling
-            cross = tl.where(first_half, delta, -delta) * sin * attention_scaling
-            used = live & (delta != 0.0)
-            for r in range(ROWS):
-                row = first_row + r
-                if row < num_rows:
-                    query_head = kv_head * group_size + row // num_query_tokens
-                    query_token = row % num_query_tokens
-                    q_row = (Q_ptr + batch * stride_qb + query_head * stride_qh
-                             + query_token * stride_qt)[None, :]
-                    fix = (own * tl.load(q_row + channel, mask=used, other=0.0).to(tl.float32)
-                           + cross * tl.load(q_row + partner, mask=used,
-                                             other=0.0).to(tl.float32))
-                    out = (Out_ptr + batch * stride_sb + query_head[None, :] * stride_sh
-                           + query_token * stride_sq + tokens[:, None])
-                    tl.store(out, tl.load(out, mask=used, other=0.0) + fix, mask=used)
-
-
-@triton.jit
-def _add_outliers_chunked(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr,
-                          stride_ob, stride_oh, stride_ot, InvFreq_ptr, Out_ptr, stride_sb,
-                          stride_sh, stride_sq, batch, first_head, tokens, live_t, first_row,
-                          num_rows, num_query_tokens, group_size, attention_scaling,
-                          HEAD_DIM: tl.constexpr, HEADS: tl.constexpr, NUM_SLOTS: tl.constexpr,
-                          ROWS: tl.constexpr, ROW_CHUNK: tl.constexpr):
-    """`_add_outliers` over [tokens, heads, ROW_CHUNK rows] tensors (see there)."""
+    where a slot holds an outlier: unused slots carry delta 0). ROW_CHUNK rows at a time as one
+    [tokens, heads, rows] tensor, all slots summed before one read-modify-write of the scores,
+    so the gathers and updates of all rows and slots are in flight together (one row and slot at
+    a time, a chain of dependent memory round trips, was 7% slower for the whole v3 kernel at
+    128K on the H100, bench/results/kvquant_h100_notes.md run 7)."""
     HALF: tl.constexpr = HEAD_DIM // 2
     kv_head = first_head + tl.arange(0, HEADS)
     live = live_t[:, None] & (kv_head >= 0)[None, :]  # [T, H]
@@ -659,7 +615,10 @@ OUTLIER_ROW_CHUNK = 4
 def outlier_row_chunk_for(rows: int, block_m: int, chunk: int | None) -> int:
     """ROW_CHUNK of `_add_outliers` for a tile of `rows` query rows (of block_m)."""
     correction_rows = min(block_m, triton.next_power_of_2(rows))
-    return min(correction_rows, OUTLIER_ROW_CHUNK if chunk is None else chunk)
+    chunk = OUTLIER_ROW_CHUNK if chunk is None else chunk
+    if chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"outlier_row_chunk must be a power of two >= 1, got {chunk}")
+    return min(correction_rows, chunk)
 
 
 # ptxas register cap of the v3 score kernel: 4 programs of 4 warps per SM (see key_scores)
@@ -722,7 +681,7 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
     query operands together (None: `kvquant_scores_v3_triton`'s V3_PREFETCH / V3_DIRECT_STORE /
     V3_OPERANDS_TOGETHER).
     outlier_row_chunk: query rows the sparse-outlier pass updates at once (`_add_outliers`;
-    None: `outlier_row_chunk_for`'s default, 0: one row and slot at a time)."""
+    None: `outlier_row_chunk_for`'s default)."""
     from . import kvquant_scores_v3_triton as v3  # it imports this module's device helpers
 
     if version is None:
