@@ -8,13 +8,11 @@ import time
 import grpc
 import pytest
 from kvpack.common.grpc_server import CHANNEL_OPTIONS
-from kvpack.common.hashing import namespace_fingerprint
 from kvpack.kvstore import servicer as servicer_module
-from kvpack.kvstore.backends import block_key
 from kvpack.kvstore.client import KVStoreClient, StoreUnavailable
 from kvpack.kvstore.protocol import GET_RANGE_BYTES, STREAMED_GET_BYTES
 from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
-from support.blocks import chain, random_record
+from support.blocks import assert_damage_is_a_counted_miss, chain, random_record
 
 
 @pytest.fixture(params=["memory", "redis", "cluster"])
@@ -140,18 +138,12 @@ def test_corruption_in_redis_is_a_counted_miss_and_dropped(redis_server, redis_s
                                                            learnt):
     data = random_record("ns", 4 << 20)
     block_hash = chain(1)[0]
-    key = block_key(namespace_fingerprint("ns"), block_hash)
-    raw = redis_server.client()
     with KVStoreClient(redis_store.address) as client:
         client.put("ns", block_hash, data)
         if learnt:
             assert client.get("ns", block_hash) == data
-        raw.set(key, damage(raw.get(key)))
-        assert client.get("ns", block_hash) is None
-        assert client.stats()["corrupt_blocks"] == 1
-        assert raw.exists(key) == 0  # dropped, so the next writer can replace it
-        client.put("ns", block_hash, data)
-        assert client.get("ns", block_hash) == data
+        assert_damage_is_a_counted_miss(client, redis_server.client(), "ns", block_hash, data,
+                                        damage)
 
 
 class _ChangingClient(KVStoreClient):

@@ -9,7 +9,7 @@ from kvpack.common.hashing import namespace_fingerprint
 from kvpack.kvstore.backends import block_key
 from kvpack.kvstore.client import KVStoreClient, StoreUnavailable
 from kvpack.kvstore.protocol import WHOLE_RECORD_BYTES
-from support.blocks import chain, random_record
+from support.blocks import assert_damage_is_a_counted_miss, chain, random_record
 from support.processes import wait_for
 
 
@@ -33,14 +33,8 @@ def test_corruption_written_into_redis_is_a_counted_miss(redis_server, kvstore_f
     data = random_record("ns", 10_000)
     with KVStoreClient(server.address, whole_record_bytes=whole_record_bytes) as client:
         client.put("ns", block_hash, data)
-        key = block_key(namespace_fingerprint("ns"), block_hash)
-        raw = redis_server.client()
-        raw.set(key, damage(raw.get(key)))
-        assert client.get("ns", block_hash) is None
-        assert client.stats()["corrupt_blocks"] == 1
-        assert raw.exists(key) == 0  # dropped, so the next writer can replace it
-        client.put("ns", block_hash, data)
-        assert client.get("ns", block_hash) == data
+        assert_damage_is_a_counted_miss(client, redis_server.client(), "ns", block_hash, data,
+                                        damage)
 
 
 def test_record_moved_under_another_namespace_is_a_counted_miss(redis_server, kvstore_factory):
