@@ -82,10 +82,9 @@ def _codebooks(points, weights, bits_list, evenly_spaced=()):
     return centroids, norms
 
 
+from .defaults import EVEN_KEY_BITS, EVEN_VALUE_BITS  # noqa: E402  (re-exported)
+
 FISHER_WEIGHTING = ("keys", "both", "values", "none")
-# Bit widths whose codebooks are evenly spaced instead of k-means fitted (defaults: docs/eval.md).
-EVEN_KEY_BITS: tuple[int, ...] = (4,)
-EVEN_VALUE_BITS: tuple[int, ...] = ()
 
 
 def calibrate_layer(

@@ -6,6 +6,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
+from kvpack.calibrate.defaults import EVEN_KEY_BITS, EVEN_VALUE_BITS
 from kvpack.common.flags import non_negative_int, positive_int
 
 
@@ -60,8 +61,6 @@ def add_parser(subparsers, name: str, help_text: str) -> None:
                         default="keys",
                         help="codebooks whose k-means weighs elements by their Fisher "
                              "information (all weigh by the squared scale) (default %(default)s)")
-    from kvpack.calibrate.calibrate import EVEN_KEY_BITS, EVEN_VALUE_BITS
-
     def widths(default) -> str:
         return ",".join(map(str, default)) or "none"
 
