@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvpack/proto/kvstore.proto\x12\tkvpack.v1\"7\n\x0cMatchRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\" \n\rMatchResponse\x12\x0f\n\x07matched\x18\x01 \x01(\r\"d\n\x08PutChunk\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"#\n\x0bPutResponse\x12\x14\n\x0cstored_bytes\x18\x01 \x01(\x04\"3\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\"k\n\x0fGetWholeRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\x12\x11\n\tmax_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06length\x18\x05 \x01(\x04\"R\n\x0eGetManyRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\x04\"[\n\x08GetChunk\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05index\x18\x05 \x01(\r\"6\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xd1\x01\n\rStatsResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x17\n\x0f\x62\x61\x63kend_healthy\x18\x02 \x01(\x08\x12\x0e\n\x06\x62locks\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x16\n\x0e\x63orrupt_blocks\x18\t \x01(\x04\x12\x16\n\x0e\x62\x61\x63kend_errors\x18\n \x01(\x04\x32\xde\x03\n\x07KVStore\x12:\n\x05Match\x12\x17.kvpack.v1.MatchRequest\x1a\x18.kvpack.v1.MatchResponse\x12\x34\n\x03Put\x12\x13.kvpack.v1.PutChunk\x1a\x16.kvpack.v1.PutResponse(\x01\x12\x33\n\x03Get\x12\x15.kvpack.v1.GetRequest\x1a\x13.kvpack.v1.GetChunk0\x01\x12;\n\x07GetMany\x12\x19.kvpack.v1.GetManyRequest\x1a\x13.kvpack.v1.GetChunk0\x01\x12\x37\n\x08PutWhole\x12\x13.kvpack.v1.PutChunk\x1a\x16.kvpack.v1.PutResponse\x12;\n\x08GetWhole\x12\x1a.kvpack.v1.GetWholeRequest\x1a\x13.kvpack.v1.GetChunk\x12=\n\x06\x44\x65lete\x12\x18.kvpack.v1.DeleteRequest\x1a\x19.kvpack.v1.DeleteResponse\x12:\n\x05Stats\x12\x17.kvpack.v1.StatsRequest\x1a\x18.kvpack.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvpack/proto/kvstore.proto\x12\tkvpack.v1\"7\n\x0cMatchRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\" \n\rMatchResponse\x12\x0f\n\x07matched\x18\x01 \x01(\r\"w\n\x08PutChunk\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x11\n\tupload_id\x18\x06 \x01(\x0c\"9\n\x0bPutResponse\x12\x14\n\x0cstored_bytes\x18\x01 \x01(\x04\x12\x14\n\x0cstaged_bytes\x18\x02 \x01(\x04\"3\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\"k\n\x0fGetWholeRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\x12\x11\n\tmax_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06length\x18\x05 \x01(\x04\"R\n\x0eGetManyRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\x04\"[\n\x08GetChunk\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05index\x18\x05 \x01(\r\"6\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xd1\x01\n\rStatsResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x17\n\x0f\x62\x61\x63kend_healthy\x18\x02 \x01(\x08\x12\x0e\n\x06\x62locks\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x16\n\x0e\x63orrupt_blocks\x18\t \x01(\x04\x12\x16\n\x0e\x62\x61\x63kend_errors\x18\n \x01(\x04\x32\xde\x03\n\x07KVStore\x12:\n\x05Match\x12\x17.kvpack.v1.MatchRequest\x1a\x18.kvpack.v1.MatchResponse\x12\x34\n\x03Put\x12\x13.kvpack.v1.PutChunk\x1a\x16.kvpack.v1.PutResponse(\x01\x12\x33\n\x03Get\x12\x15.kvpack.v1.GetRequest\x1a\x13.kvpack.v1.GetChunk0\x01\x12;\n\x07GetMany\x12\x19.kvpack.v1.GetManyRequest\x1a\x13.kvpack.v1.GetChunk0\x01\x12\x37\n\x08PutWhole\x12\x13.kvpack.v1.PutChunk\x1a\x16.kvpack.v1.PutResponse\x12;\n\x08GetWhole\x12\x1a.kvpack.v1.GetWholeRequest\x1a\x13.kvpack.v1.GetChunk\x12=\n\x06\x44\x65lete\x12\x18.kvpack.v1.DeleteRequest\x1a\x19.kvpack.v1.DeleteResponse\x12:\n\x05Stats\x12\x17.kvpack.v1.StatsRequest\x1a\x18.kvpack.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,25 +36,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MATCHRESPONSE']._serialized_start=98
   _globals['_MATCHRESPONSE']._serialized_end=130
   _globals['_PUTCHUNK']._serialized_start=132
-  _globals['_PUTCHUNK']._serialized_end=232
-  _globals['_PUTRESPONSE']._serialized_start=234
-  _globals['_PUTRESPONSE']._serialized_end=269
-  _globals['_GETREQUEST']._serialized_start=271
-  _globals['_GETREQUEST']._serialized_end=322
-  _globals['_GETWHOLEREQUEST']._serialized_start=324
-  _globals['_GETWHOLEREQUEST']._serialized_end=431
-  _globals['_GETMANYREQUEST']._serialized_start=433
-  _globals['_GETMANYREQUEST']._serialized_end=515
-  _globals['_GETCHUNK']._serialized_start=517
-  _globals['_GETCHUNK']._serialized_end=608
-  _globals['_DELETEREQUEST']._serialized_start=610
-  _globals['_DELETEREQUEST']._serialized_end=664
-  _globals['_DELETERESPONSE']._serialized_start=666
-  _globals['_DELETERESPONSE']._serialized_end=699
-  _globals['_STATSREQUEST']._serialized_start=701
-  _globals['_STATSREQUEST']._serialized_end=715
-  _globals['_STATSRESPONSE']._serialized_start=718
-  _globals['_STATSRESPONSE']._serialized_end=927
-  _globals['_KVSTORE']._serialized_start=930
-  _globals['_KVSTORE']._serialized_end=1408
+  _globals['_PUTCHUNK']._serialized_end=251
+  _globals['_PUTRESPONSE']._serialized_start=253
+  _globals['_PUTRESPONSE']._serialized_end=310
+  _globals['_GETREQUEST']._serialized_start=312
+  _globals['_GETREQUEST']._serialized_end=363
+  _globals['_GETWHOLEREQUEST']._serialized_start=365
+  _globals['_GETWHOLEREQUEST']._serialized_end=472
+  _globals['_GETMANYREQUEST']._serialized_start=474
+  _globals['_GETMANYREQUEST']._serialized_end=556
+  _globals['_GETCHUNK']._serialized_start=558
+  _globals['_GETCHUNK']._serialized_end=649
+  _globals['_DELETEREQUEST']._serialized_start=651
+  _globals['_DELETEREQUEST']._serialized_end=705
+  _globals['_DELETERESPONSE']._serialized_start=707
+  _globals['_DELETERESPONSE']._serialized_end=740
+  _globals['_STATSREQUEST']._serialized_start=742
+  _globals['_STATSREQUEST']._serialized_end=756
+  _globals['_STATSRESPONSE']._serialized_start=759
+  _globals['_STATSRESPONSE']._serialized_end=968
+  _globals['_KVSTORE']._serialized_start=971
+  _globals['_KVSTORE']._serialized_end=1449
 # @@protoc_insertion_point(module_scope)

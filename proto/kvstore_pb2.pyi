@@ -21,24 +21,28 @@ class MatchResponse(_message.Message):
     def __init__(self, matched: _Optional[int] = ...) -> None: ...
 
 class PutChunk(_message.Message):
-    __slots__ = ("namespace", "block_hash", "total_bytes", "offset", "data")
+    __slots__ = ("namespace", "block_hash", "total_bytes", "offset", "data", "upload_id")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     block_hash: bytes
     total_bytes: int
     offset: int
     data: bytes
-    def __init__(self, namespace: _Optional[str] = ..., block_hash: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    upload_id: bytes
+    def __init__(self, namespace: _Optional[str] = ..., block_hash: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., upload_id: _Optional[bytes] = ...) -> None: ...
 
 class PutResponse(_message.Message):
-    __slots__ = ("stored_bytes",)
+    __slots__ = ("stored_bytes", "staged_bytes")
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STAGED_BYTES_FIELD_NUMBER: _ClassVar[int]
     stored_bytes: int
-    def __init__(self, stored_bytes: _Optional[int] = ...) -> None: ...
+    staged_bytes: int
+    def __init__(self, stored_bytes: _Optional[int] = ..., staged_bytes: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("namespace", "block_hash")

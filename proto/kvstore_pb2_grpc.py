@@ -113,6 +113,8 @@ class KVStoreServicer:
     def PutWhole(self, request, context):
         """The whole record as one PutChunk (offset 0, data = all total_bytes): the same checks and
         outcomes as Put, without a stream's per-message cost. For records that fit in one message.
+        With an upload_id (PutChunk.upload_id) it takes one byte range of a record instead, so a
+        client can put a large record as several ranges over parallel calls (see PutChunk).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

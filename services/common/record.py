@@ -76,23 +76,84 @@ def verify(data: bytes | memoryview, namespace: str | None = None, *,
         RecordError: naming what is wrong. `namespace`, when given, must match the record's.
     """
     view = memoryview(data)
-    if len(view) < _PREFIX.size + _PAYLOAD_LEN.size + CHECKSUM_BYTES:
-        raise RecordError(f"record too short ({len(view)} bytes)")
+    payload_len_at, body_len = _check_layout(view, len(view))
+    if checksum and xxhash.xxh3_128_digest(view[:body_len]) != bytes(view[body_len:]):
+        raise RecordError("checksum mismatch")
+    return _read_header(view, payload_len_at, namespace)
+
+
+class RecordVerifier:
+    """verify() for a record whose bytes come in order, piece by piece (the kvstore's ranged
+    Put): the same checks in the same order, with the checksum computed as the bytes arrive. It
+    keeps only the record's head (prefix, header, payload length) and its last 16 bytes.
+
+        verifier = RecordVerifier(total_bytes, namespace)
+        for piece in pieces_in_order:
+            verifier.update(piece)
+        header = verifier.finish()  # RecordError as verify() raises it
+    """
+
+    def __init__(self, total_bytes: int, namespace: str | None = None) -> None:
+        self.total_bytes = total_bytes
+        self.namespace = namespace
+        self.received = 0
+        self._body_len = max(0, total_bytes - CHECKSUM_BYTES)
+        self._hasher = xxhash.xxh3_128()
+        self._head = bytearray()
+        self._head_wanted = min(total_bytes, _PREFIX.size)  # grows once the prefix is read
+        self._trailer = bytearray()
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        start = self.received
+        if start + len(view) > self.total_bytes:
+            raise RecordError(f"more than the record's {self.total_bytes} bytes")
+        self.received += len(view)
+        if len(self._head) < self._head_wanted:
+            self._head += view[: self._head_wanted - len(self._head)]
+            if len(self._head) == _PREFIX.size and self._head_wanted == _PREFIX.size:
+                header_len = _PREFIX.unpack_from(self._head, 0)[2]
+                self._head_wanted = min(self.total_bytes,
+                                        _PREFIX.size + header_len + _PAYLOAD_LEN.size)
+                self._head += view[_PREFIX.size - start : self._head_wanted - start]
+        if start < self._body_len:
+            self._hasher.update(view[: self._body_len - start])
+        if self.received > self._body_len:
+            self._trailer += view[max(0, self._body_len - start) :]
+
+    def finish(self) -> RecordHeader:
+        if self.received != self.total_bytes:
+            raise RecordError(f"{self.received} of the record's {self.total_bytes} bytes arrived")
+        head = memoryview(bytes(self._head))
+        payload_len_at, _ = _check_layout(head, self.total_bytes)
+        if self._hasher.digest() != bytes(self._trailer):
+            raise RecordError("checksum mismatch")
+        return _read_header(head, payload_len_at, self.namespace)
+
+
+def _check_layout(view: memoryview, size: int) -> tuple[int, int]:
+    """Magic, version and lengths of a record of `size` bytes whose first bytes (at least its
+    prefix, header and payload length, where the record is that long) are `view`: (where the
+    payload length is, the length of everything before the checksum)."""
+    if size < _PREFIX.size + _PAYLOAD_LEN.size + CHECKSUM_BYTES:
+        raise RecordError(f"record too short ({size} bytes)")
     magic, version, header_len = _PREFIX.unpack_from(view, 0)
     if magic != MAGIC:
         raise RecordError("bad magic: not a kvpack block record")
     if version != RECORD_VERSION:
         raise RecordError(f"unknown record version {version} (this build reads {RECORD_VERSION})")
     payload_len_at = _PREFIX.size + header_len
-    if payload_len_at + _PAYLOAD_LEN.size + CHECKSUM_BYTES > len(view):
+    if payload_len_at + _PAYLOAD_LEN.size + CHECKSUM_BYTES > size:
         raise RecordError("header length runs past the end of the record")
     (payload_len,) = _PAYLOAD_LEN.unpack_from(view, payload_len_at)
     body_len = payload_len_at + _PAYLOAD_LEN.size + payload_len
-    if body_len + CHECKSUM_BYTES != len(view):
+    if body_len + CHECKSUM_BYTES != size:
         raise RecordError(
-            f"length mismatch: header says {body_len + CHECKSUM_BYTES}, got {len(view)}")
-    if checksum and xxhash.xxh3_128_digest(view[:body_len]) != bytes(view[body_len:]):
-        raise RecordError("checksum mismatch")
+            f"length mismatch: header says {body_len + CHECKSUM_BYTES}, got {size}")
+    return payload_len_at, body_len
+
+
+def _read_header(view: memoryview, payload_len_at: int, namespace: str | None) -> RecordHeader:
     try:
         fields = json.loads(bytes(view[_PREFIX.size:payload_len_at]))
         header = RecordHeader(**fields)

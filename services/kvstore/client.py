@@ -13,6 +13,10 @@ nothing corrupted in transit is ever used. A record of up to `whole_record_bytes
 message each way (PutWhole, and whole records in GetMany); larger ones stream in chunks. `get`
 uses GetWhole up to STREAMED_GET_BYTES and fetches a larger record as byte ranges over parallel
 connections, verifies the joined record and, if it does not verify, fetches it whole with Get.
+`put` sends a record of at least 2 x PUT_RANGE_BYTES as byte ranges the same way (one PutWhole
+with an upload id per range, in parallel); the service stages them and stores the record when its
+last range arrived and the whole verified. Whenever the ranges do not end in a stored record (a
+server without ranged puts, an upload the server dropped) it puts the record in one call instead.
 
 Many blocks (a prompt's prefix) come fastest through `iter_many`: it spreads them over `streams`
 GetMany calls on separate connections (gRPC's core receives them off the GIL, in parallel) and
@@ -23,6 +27,7 @@ blocks are still on the wire.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,9 +42,12 @@ from kvpack.kvstore.protocol import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_GET_RANGES,
     DEFAULT_MAX_RECORD_BYTES,
+    DEFAULT_PUT_RANGES,
     GET_RANGE_BYTES,
     MAX_WHOLE_RECORD_BYTES,
+    PUT_RANGE_BYTES,
     STREAMED_GET_BYTES,
+    UPLOAD_ID_BYTES,
     WHOLE_RECORD_BYTES,
 )
 from kvpack.kvstore.rpc_methods import KVStoreMethods
@@ -55,7 +63,9 @@ DEFAULT_STREAMS = 1
 
 
 class StoreError(Exception):
-    """Base of the client's errors."""
+    """Base of the client's errors. `code`: the gRPC status the store answered, if any."""
+
+    code: grpc.StatusCode | None = None
 
 
 class StoreUnavailable(StoreError):
@@ -63,7 +73,8 @@ class StoreUnavailable(StoreError):
 
 
 class InvalidRequest(StoreError, ValueError):
-    """The store rejected the request (INVALID_ARGUMENT / RESOURCE_EXHAUSTED); the message says why."""
+    """The store rejected the request (INVALID_ARGUMENT / RESOURCE_EXHAUSTED); the message says
+    why."""
 
 
 class Unauthenticated(StoreError, PermissionError):
@@ -76,7 +87,9 @@ class KVStoreClient:
                  min_bytes_per_second: float = 50e6, streams: int = DEFAULT_STREAMS,
                  whole_record_bytes: int = WHOLE_RECORD_BYTES,
                  get_ranges: int = DEFAULT_GET_RANGES,
-                 get_range_bytes: int = GET_RANGE_BYTES) -> None:
+                 get_range_bytes: int = GET_RANGE_BYTES,
+                 put_ranges: int = DEFAULT_PUT_RANGES,
+                 put_range_bytes: int = PUT_RANGE_BYTES) -> None:
         """
         Args:
             target: HOST:PORT of a kvstore.
@@ -91,10 +104,14 @@ class KVStoreClient:
             get_ranges, get_range_bytes: `get` fetches a record over protocol.STREAMED_GET_BYTES
                 as at most `get_ranges` byte ranges of at least `get_range_bytes`, in parallel,
                 each on its own connection (get_ranges=1: as one Get stream instead).
+            put_ranges, put_range_bytes: `put` sends a record that splits into at least 2 ranges
+                of at least `put_range_bytes` as at most `put_ranges` such ranges (more only where
+                a range would pass the message limit), in parallel, each on its own connection
+                (put_ranges=1: always in one call).
         """
-        if streams < 1 or get_ranges < 1:
-            raise ValueError(f"streams and get_ranges must be at least 1, got {streams}, "
-                             f"{get_ranges}")
+        if streams < 1 or get_ranges < 1 or put_ranges < 1:
+            raise ValueError(f"streams, get_ranges and put_ranges must be at least 1, got "
+                             f"{streams}, {get_ranges}, {put_ranges}")
         self.target = target
         self._timeout = timeout_seconds
         self._retries = retries
@@ -107,6 +124,9 @@ class KVStoreClient:
         self._range_count = get_ranges
         self._range_bytes = max(get_range_bytes, 1)
         self._ranges_served = True  # False once the server turned out to ignore ranges (too old)
+        self._put_range_count = put_ranges
+        self._put_range_bytes = max(put_range_bytes, 1)
+        self._put_ranges_served = True  # False once the server refused every range (too old)
         self._min_rate = min_bytes_per_second
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         # A local subchannel pool per channel gives each its own TCP connection. Server-streaming
@@ -117,18 +137,34 @@ class KVStoreClient:
         self._channels = [grpc.insecure_channel(target, options=[
             *CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1),
             (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)])
-            for _ in range(max(streams, get_ranges))]
+            for _ in range(max(streams, get_ranges, put_ranges))]
         stubs = [KVStoreMethods(channel) for channel in self._channels]
         self._stubs = stubs[:streams]  # iter_many: one GetMany stream per connection
         self._range_stubs = stubs[:get_ranges]  # get: one range per connection
+        self._put_range_stubs = stubs[:put_ranges]  # put: likewise
         self._stub = self._stubs[0]
-        self._pool = ThreadPoolExecutor(streams, thread_name_prefix="kvstore-get") if streams > 1 else None
-        # Ranges of one get: the caller's thread fetches the first, these threads the others.
-        self._range_pool = (ThreadPoolExecutor(get_ranges - 1, thread_name_prefix="kvstore-range")
-                            if get_ranges > 1 else None)
+        self._pool = (ThreadPoolExecutor(streams, thread_name_prefix="kvstore-get")
+                      if streams > 1 else None)
+        # Ranges of one get or put: the caller's thread moves the first, these threads the others.
+        range_threads = max(get_ranges, put_ranges) - 1
+        self._range_pool = (ThreadPoolExecutor(range_threads, thread_name_prefix="kvstore-range")
+                            if range_threads else None)
 
     # -- API ---------------------------------------------------------------------------------
     def put(self, namespace: str, block_hash: bytes, data: bytes) -> None:
+        if (self._put_ranges_served and self._put_range_count > 1
+                and self._put_ranges_for(len(data)) > 1):
+            refused = self._put_ranges(namespace, block_hash, data)
+            if refused is None:
+                return  # stored
+            self._put_whole(namespace, block_hash, data)  # the server's word on the whole record
+            if refused:  # it took the whole record after refusing every range: no ranged puts
+                self._put_ranges_served = False
+            return
+        self._put_whole(namespace, block_hash, data)
+
+    def _put_whole(self, namespace: str, block_hash: bytes, data: bytes) -> None:
+        """The record in one call: one PutWhole message up to whole_record_bytes, else a stream."""
         deadline = self._timeout + len(data) / self._min_rate
         if 0 < len(data) <= self._whole_bytes:
             message = wire.encode_put_chunk(namespace, block_hash, len(data), 0, data)
@@ -155,7 +191,7 @@ class KVStoreClient:
             if len(chunk.data) == chunk.total_bytes:
                 return _verified(bytes(chunk.data), namespace)
             size = self._large_sizes[namespace] = chunk.total_bytes  # too large for one message
-        if size and self._range_pool and self._ranges_served:
+        if size and self._range_count > 1 and self._ranges_served:
             data = self._get_ranges(namespace, block_hash, size)
             if data is not _MISMATCH:
                 return data
@@ -267,6 +303,49 @@ class KVStoreClient:
         record_bytes = b"".join(chunk.data for chunk in chunks)  # one copy, into the result
         return _MISMATCH if _verified(record_bytes, namespace) is None else record_bytes
 
+    def _put_ranges_for(self, size: int) -> int:
+        """How many ranges `put` sends a record of `size` bytes in (1: one call)."""
+        return max(1, min(self._put_range_count, size // self._put_range_bytes),
+                   -(-size // MAX_WHOLE_RECORD_BYTES))  # no range over the message limit
+
+    def _put_ranges(self, namespace: str, block_hash: bytes, data: bytes) -> bool | None:
+        """Put a record as byte ranges under one new upload id, one PutWhole each, on separate
+        connections at once (the caller's thread sends the first, the range pool the others):
+        the call that completes the record answers stored_bytes = its size once the service
+        verified and stored it. None when it did; else whether every range was refused as
+        invalid (what a server without ranged puts answers), for the caller to put the record in
+        one call. StoreUnavailable (after the retries of each range) and Unauthenticated are
+        raised: one call would meet them too."""
+        size = len(data)
+        count = self._put_ranges_for(size)
+        step = -(-size // count)
+        offsets = range(0, size, step)
+        view = memoryview(data)
+        upload_id = os.urandom(UPLOAD_ID_BYTES)
+
+        def send(index: int) -> kvstore_pb2.PutResponse | StoreError:
+            offset = offsets[index]
+            part = view[offset : offset + step]
+            message = wire.encode_put_chunk(namespace, block_hash, size, offset, part, upload_id)
+            stub = self._put_range_stubs[index % len(self._put_range_stubs)]
+            deadline = self._timeout + len(part) / self._min_rate
+            try:
+                return self._call(lambda: stub.put_whole(message, timeout=deadline,
+                                                         metadata=self._metadata))
+            except StoreError as error:
+                return error
+
+        rest = [self._range_pool.submit(send, index) for index in range(1, len(offsets))]
+        answers = [send(0), *(future.result() for future in rest)]  # none outlives this call
+        errors = [answer for answer in answers if isinstance(answer, StoreError)]
+        for error in errors:
+            if isinstance(error, (StoreUnavailable, Unauthenticated)):
+                raise error
+        if not errors and any(answer.stored_bytes == size for answer in answers):
+            return None
+        return len(errors) == len(answers) and all(
+            error.code is grpc.StatusCode.INVALID_ARGUMENT for error in errors)
+
     def _fetch_range(self, index: int, namespace: str, block_hash: bytes, offset: int,
                      length: int) -> wire.GetChunkView:
         """One range of a record, on connection `index` (retried like any call). InvalidRequest
@@ -318,12 +397,15 @@ class KVStoreClient:
         """The client's exception for a failed call."""
         code = error.code()
         if code in _UNAVAILABLE:
-            return StoreUnavailable(f"kvstore at {self.target}: {error.details()}")
-        if code is grpc.StatusCode.UNAUTHENTICATED:
-            return Unauthenticated(error.details())
-        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
-            return InvalidRequest(error.details())
-        return StoreError(f"kvstore at {self.target}: {code.name}: {error.details()}")
+            result = StoreUnavailable(f"kvstore at {self.target}: {error.details()}")
+        elif code is grpc.StatusCode.UNAUTHENTICATED:
+            result = Unauthenticated(error.details())
+        elif code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+            result = InvalidRequest(error.details())
+        else:
+            result = StoreError(f"kvstore at {self.target}: {code.name}: {error.details()}")
+        result.code = code
+        return result
 
 
 def _assembled(chunks, count: int, target: str) -> Iterator[tuple[int, memoryview | bytes]]:

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 OPS = ("match", "put", "get", "get_many", "delete", "stats")
+UPLOAD_EVENTS = ("staged", "committed", "refused", "abandoned")
 
 # 100 us .. 10 s: a Match on the memory backend up to a 64 MiB put over a slow link.
 LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -36,10 +37,22 @@ class KVStoreMetrics:
             registry=r)
         self.put_bytes = Counter("kvpack_kvstore_put_bytes", "Record bytes accepted by Put", registry=r)
         self.get_bytes = Counter("kvpack_kvstore_get_bytes", "Record bytes returned by Get", registry=r)
+        self.uploads = Counter(
+            "kvpack_kvstore_uploads",
+            "Ranged Put uploads by event: staged (its first range staged), committed (stored), "
+            "refused (failed verification or the store refused the record), abandoned (not "
+            "completed in time, or its staged bytes lost)", ["event"], registry=r)
+        self.upload_ranges = Counter(
+            "kvpack_kvstore_upload_ranges", "Ranges of ranged Puts staged", registry=r)
+        self.uploads_open = Gauge(
+            "kvpack_kvstore_uploads_open", "Ranged Put uploads staged and not yet ended",
+            registry=r)
         self.backend_up = Gauge(
             "kvpack_kvstore_backend_up", "1 when the backend answered its last health check", registry=r)
         for op in OPS:  # export zeros from the start, so dashboards and alerts see the series
             self.backend_errors.labels(op)
+        for event in UPLOAD_EVENTS:
+            self.uploads.labels(event)
         r.register(_UsageCollector(backend))
 
     def value(self, name: str, **labels: str) -> float:

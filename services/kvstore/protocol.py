@@ -28,6 +28,20 @@ STREAMED_GET_BYTES = 2 << 20
 # service a few tenths of a ms of Python, so small ranges lose where cores are scarce.
 GET_RANGE_BYTES = 2 << 20
 DEFAULT_GET_RANGES = 4
+# KVStoreClient.put sends a record as byte ranges (PutWhole with PutChunk.upload_id), in parallel
+# over separate connections, when it splits into at least 2 ranges of at least PUT_RANGE_BYTES
+# (at most DEFAULT_PUT_RANGES of them): a 4 MiB record in 2, 16 MiB in 4; below 4 MiB one call.
+# Chosen by bench_store.py's Put rows (bench/README.md "Put: ranges").
+PUT_RANGE_BYTES = 2 << 20
+DEFAULT_PUT_RANGES = 4
+# An upload id: random bytes the client picks per ranged put.
+UPLOAD_ID_BYTES = 16
+# A ranged upload not completed within this long is abandoned: the service drops it and what it
+# staged (Redis also expires the staging string after as long, should the service be gone).
+UPLOAD_TTL_SECONDS = 60.0
+# Bytes of records (their total_bytes) a service has in open uploads at most; a new upload past
+# it is RESOURCE_EXHAUSTED (the client then puts the record in one call).
+DEFAULT_MAX_STAGED_BYTES = 1 << 30
 # Largest record GetWhole sends in one message, whatever the caller asks: room for the framing under
 # the message limit both ends set (kvpack.common.grpc_server.CHANNEL_OPTIONS).
 MAX_WHOLE_RECORD_BYTES = MAX_MESSAGE_BYTES - (64 << 10)

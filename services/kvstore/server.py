@@ -10,7 +10,12 @@ from kvpack.common.grpc_server import GrpcServer
 from kvpack.common.metrics_http import MetricsEndpoint
 from kvpack.kvstore.backends import BackendUnavailable, open_backend
 from kvpack.kvstore.metrics import KVStoreMetrics
-from kvpack.kvstore.protocol import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_RECORD_BYTES
+from kvpack.kvstore.protocol import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_RECORD_BYTES,
+    DEFAULT_MAX_STAGED_BYTES,
+    UPLOAD_TTL_SECONDS,
+)
 from kvpack.kvstore.rpc_methods import SERVICE_NAME, add_to_server
 from kvpack.kvstore.servicer import KVStoreServicer
 
@@ -30,6 +35,10 @@ class KVStoreConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     health_interval_seconds: float = 1.0
     max_workers: int = 16
+    # Ranged Put: how long an upload may take before it is abandoned, and the bytes of records
+    # in open uploads at most (kvpack.kvstore.uploads).
+    upload_ttl_seconds: float = UPLOAD_TTL_SECONDS
+    max_staged_bytes: int = DEFAULT_MAX_STAGED_BYTES
 
 
 class KVStoreServer:
@@ -42,7 +51,8 @@ class KVStoreServer:
         self.metrics = KVStoreMetrics(self.backend)
         self.servicer = servicer = KVStoreServicer(
             self.backend, self.metrics, max_record_bytes=config.max_record_bytes,
-            chunk_bytes=config.chunk_bytes)
+            chunk_bytes=config.chunk_bytes, upload_ttl_seconds=config.upload_ttl_seconds,
+            max_staged_bytes=config.max_staged_bytes)
         self.grpc = GrpcServer(
             config.listen,
             [(add_to_server, servicer, SERVICE_NAME)],
@@ -79,6 +89,7 @@ class KVStoreServer:
     def _watch_backend(self) -> None:
         while not self._stopping.wait(self.config.health_interval_seconds):
             self._check_backend()
+            self.servicer.sweep_uploads()
 
     def stop(self, grace_seconds: float = 2.0) -> None:
         self._stopping.set()

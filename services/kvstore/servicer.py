@@ -4,7 +4,9 @@ Nothing partial is ever stored: a Put is written only after every chunk arrived 
 whole record verified. A stored record that no longer verifies is dropped and served as a miss.
 Served through kvpack.kvstore.rpc_methods: Put/PutWhole receive wire.PutChunkView (data is a view
 into the received message) and Get/GetWhole/GetMany answer GetChunks encoded by kvpack.kvstore.wire.
-PutWhole/GetWhole are the one-message forms of Put/Get and count under the same op labels.
+PutWhole/GetWhole are the one-message forms of Put/Get and count under the same op labels. A
+PutWhole with an upload_id is one range of a ranged Put (kvpack.kvstore.uploads): staged apart from
+the record's key, verified in record order, committed in one step by the range that completes it.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ from contextlib import contextmanager
 import grpc
 from kvpack.common import record
 from kvpack.common.hashing import BLOCK_HASH_BYTES, namespace_fingerprint
-from kvpack.kvstore import wire
+from kvpack.kvstore import uploads, wire
 from kvpack.kvstore.backends import Backend, BackendUnavailable, RecordTooLarge, Usage, block_key
 from kvpack.kvstore.metrics import OPS, KVStoreMetrics
 from kvpack.kvstore.protocol import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_RECORD_BYTES,
+    DEFAULT_MAX_STAGED_BYTES,
     MAX_HASHES_PER_CALL,
     MAX_WHOLE_RECORD_BYTES,
+    UPLOAD_TTL_SECONDS,
 )
 from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
 
@@ -50,11 +54,15 @@ class _Abort(Exception):
 class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     def __init__(self, backend: Backend, metrics: KVStoreMetrics, *,
                  max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 upload_ttl_seconds: float = UPLOAD_TTL_SECONDS,
+                 max_staged_bytes: int = DEFAULT_MAX_STAGED_BYTES) -> None:
         self.backend = backend
         self.metrics = metrics
         self.max_record_bytes = max_record_bytes
         self.chunk_bytes = chunk_bytes
+        self.uploads = uploads.Uploads(backend, metrics, ttl_seconds=upload_ttl_seconds,
+                                       max_staged_bytes=max_staged_bytes)
         self._loader = ThreadPoolExecutor(LOADER_THREADS, thread_name_prefix="kvstore-load")
 
     def close(self) -> None:
@@ -63,7 +71,8 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     @contextmanager
     def _request(self, op: str, context: grpc.ServicerContext):
-        """Times the request, counts its outcome, and turns _Abort/backend failures into statuses."""
+        """Times the request, counts its outcome, and turns _Abort/backend failures into
+        statuses."""
         start = time.perf_counter()
         code, message = grpc.StatusCode.OK, ""
         try:
@@ -99,7 +108,35 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     def PutWhole(self, request, context):
         with self._request("put", context):
+            if _upload_of(request):
+                return self._put_range(request)
             return self._store(*self._receive(iter((request,))))
+
+    def _put_range(self, chunk: wire.PutChunkView):
+        """One range of a ranged Put: the same checks of namespace, hash and size as a Put's first
+        chunk (a record over the limit is refused before anything is staged), then the upload's
+        own (kvpack.kvstore.uploads)."""
+        fingerprint = _namespace(chunk.namespace)
+        _check_hash(chunk.block_hash, "block_hash")
+        self._check_total(chunk.total_bytes)
+        try:
+            return self.uploads.put_range(
+                block_key(fingerprint, chunk.block_hash), chunk.namespace, chunk.block_hash,
+                chunk.total_bytes, chunk.offset, chunk.data, _upload_of(chunk))
+        except uploads.Refused as error:
+            raise _Abort(error.code, str(error)) from None
+
+    def sweep_uploads(self) -> None:
+        """Abandon ranged uploads not completed in time (the server calls it periodically)."""
+        self.uploads.sweep()
+
+    def _check_total(self, total: int) -> None:
+        if total == 0:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "total_bytes: must be positive")
+        if total > self.max_record_bytes:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"total_bytes: {total} exceeds the maximum record size of "
+                         f"{self.max_record_bytes} bytes")
 
     def _store(self, namespace: str, block_hash: bytes, data: bytes | memoryview):
         try:
@@ -267,13 +304,11 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before the first chunk")
         _namespace(first.namespace)
         _check_hash(first.block_hash, "block_hash")
+        if first.upload_id:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         "upload_id: a range of a ranged Put goes in one PutWhole call")
         total = first.total_bytes
-        if total == 0:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "total_bytes: must be positive")
-        if total > self.max_record_bytes:
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"total_bytes: {total} exceeds the maximum record size of "
-                         f"{self.max_record_bytes} bytes")
+        self._check_total(total)
         parts: list[memoryview] = []
         received = 0
         for index, chunk in enumerate(_chain(first, chunks)):
@@ -295,6 +330,12 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                          f"stream ended early: {received} of total_bytes={total} bytes received")
         return first.namespace, first.block_hash, parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _upload_of(chunk: wire.PutChunkView) -> bytes:
+    """The upload a PutWhole's range belongs to; b"" = a whole record (all that servers before
+    ranged puts read)."""
+    return chunk.upload_id
 
 
 def _range_of(request) -> tuple[int, int]:

@@ -30,6 +30,7 @@ class PutChunkView(NamedTuple):
     total_bytes: int
     offset: int
     data: memoryview
+    upload_id: bytes = b""  # ranged Put: the upload this range belongs to
 
 
 class GetChunkView(NamedTuple):
@@ -70,7 +71,7 @@ def _length_prefix(number: int, length: int) -> bytes:
 
 
 def encode_put_chunk(namespace: str, block_hash: bytes, total_bytes: int, offset: int,
-                     data: bytes | memoryview) -> bytes:
+                     data: bytes | memoryview, upload_id: bytes = b"") -> bytes:
     namespace_bytes = namespace.encode()
     head = b"".join((
         _length_prefix(_PUT["namespace"], len(namespace_bytes)), namespace_bytes,
@@ -79,7 +80,8 @@ def encode_put_chunk(namespace: str, block_hash: bytes, total_bytes: int, offset
         _scalar(_PUT["offset"], offset),
         _length_prefix(_PUT["data"], len(data)),
     ))
-    return b"".join((head, data))  # the one copy of the block
+    # the one copy of the block; upload_id after data, in field order as protobuf writes it
+    return b"".join((head, data, _length_prefix(_PUT["upload_id"], len(upload_id)), upload_id))
 
 
 def encode_get_chunk(found: bool, total_bytes: int = 0, offset: int = 0,
@@ -179,6 +181,7 @@ def decode_put_chunk(message: bytes) -> PutChunkView:
         total_bytes=_typed(fields, _PUT["total_bytes"], int),
         offset=_typed(fields, _PUT["offset"], int),
         data=_typed(fields, _PUT["data"], memoryview),
+        upload_id=bytes(_typed(fields, _PUT["upload_id"], memoryview)),
     )
 
 

@@ -10,14 +10,14 @@ from kvpack.proto import kvstore_pb2
 uint64 = st.integers(0, 2**64 - 1)
 put_chunks = st.builds(kvstore_pb2.PutChunk, namespace=st.text(max_size=20),
                        block_hash=st.binary(max_size=40), total_bytes=uint64, offset=uint64,
-                       data=st.binary(max_size=300))
+                       data=st.binary(max_size=300), upload_id=st.binary(max_size=20))
 get_chunks = st.builds(kvstore_pb2.GetChunk, found=st.booleans(), total_bytes=uint64,
                        offset=uint64, data=st.binary(max_size=300), index=st.integers(0, 2**32 - 1))
 
 
 def _put_fields(chunk) -> tuple:
     return (chunk.namespace, bytes(chunk.block_hash), chunk.total_bytes, chunk.offset,
-            bytes(chunk.data))
+            bytes(chunk.data), bytes(chunk.upload_id))
 
 
 def _get_fields(chunk) -> tuple:

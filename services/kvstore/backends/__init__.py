@@ -8,13 +8,15 @@ from kvpack.kvstore.backends.base import (
     Backend,
     BackendUnavailable,
     RecordTooLarge,
+    StagingLost,
     Usage,
     block_key,
 )
 
 SCHEMES = ("memory://", "redis://host:port/db", "redis+cluster://host:port")
 
-__all__ = ["Backend", "BackendUnavailable", "RecordTooLarge", "Usage", "block_key", "open_backend"]
+__all__ = ["Backend", "BackendUnavailable", "RecordTooLarge", "StagingLost", "Usage", "block_key",
+           "open_backend"]
 
 
 def open_backend(url: str, *, capacity_bytes: int, ttl_seconds: float | None = None) -> Backend:
