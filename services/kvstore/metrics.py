@@ -10,7 +10,8 @@ OPS = ("match", "put", "get", "get_many", "delete", "stats")
 UPLOAD_EVENTS = ("staged", "committed", "refused", "abandoned")
 
 # 100 us .. 10 s: a Match on the memory backend up to a 64 MiB put over a slow link.
-LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                   2.5, 5, 10)
 
 
 class KVStoreMetrics:
@@ -21,22 +22,28 @@ class KVStoreMetrics:
             "kvpack_kvstore_request_seconds", "Time to serve one request", ["op"],
             buckets=LATENCY_BUCKETS, registry=r)
         self.requests = Counter(
-            "kvpack_kvstore_requests", "Requests by op and gRPC status code", ["op", "code"], registry=r)
+            "kvpack_kvstore_requests", "Requests by op and gRPC status code", ["op", "code"],
+            registry=r)
         self.hits = Counter("kvpack_kvstore_hits", "Get requests that returned a block", registry=r)
-        self.misses = Counter("kvpack_kvstore_misses", "Get requests that found no usable block", registry=r)
+        self.misses = Counter("kvpack_kvstore_misses", "Get requests that found no usable block",
+                              registry=r)
         self.match_query_blocks = Counter(
             "kvpack_kvstore_match_query_blocks", "Block hashes asked about by Match", registry=r)
         self.match_hit_blocks = Counter(
-            "kvpack_kvstore_match_hit_blocks", "Leading block hashes Match found present", registry=r)
+            "kvpack_kvstore_match_hit_blocks", "Leading block hashes Match found present",
+            registry=r)
         self.corrupt_blocks = Counter(
             "kvpack_kvstore_corrupt_blocks",
-            "Stored records that failed verification (checksum, version, namespace) and were dropped",
+            "Stored records that failed verification (checksum, version, namespace) and were "
+            "dropped",
             registry=r)
         self.backend_errors = Counter(
-            "kvpack_kvstore_backend_errors", "Backend calls that failed (unreachable, timeout)", ["op"],
-            registry=r)
-        self.put_bytes = Counter("kvpack_kvstore_put_bytes", "Record bytes accepted by Put", registry=r)
-        self.get_bytes = Counter("kvpack_kvstore_get_bytes", "Record bytes returned by Get", registry=r)
+            "kvpack_kvstore_backend_errors", "Backend calls that failed (unreachable, timeout)",
+            ["op"], registry=r)
+        self.put_bytes = Counter("kvpack_kvstore_put_bytes", "Record bytes accepted by Put",
+                                 registry=r)
+        self.get_bytes = Counter("kvpack_kvstore_get_bytes", "Record bytes returned by Get",
+                                 registry=r)
         self.uploads = Counter(
             "kvpack_kvstore_uploads",
             "Ranged Put uploads by event: staged (its first range staged), committed (stored), "
@@ -48,7 +55,8 @@ class KVStoreMetrics:
             "kvpack_kvstore_uploads_open", "Ranged Put uploads staged and not yet ended",
             registry=r)
         self.backend_up = Gauge(
-            "kvpack_kvstore_backend_up", "1 when the backend answered its last health check", registry=r)
+            "kvpack_kvstore_backend_up", "1 when the backend answered its last health check",
+            registry=r)
         for op in OPS:  # export zeros from the start, so dashboards and alerts see the series
             self.backend_errors.labels(op)
         for event in UPLOAD_EVENTS:

@@ -81,11 +81,11 @@ class Uploads:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           f"upload_id: expected {UPLOAD_ID_BYTES} bytes, got {len(upload_id)}")
         end = offset + len(data)
-        if not data:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "data: a range must not be empty")
         if offset >= total:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           f"offset: {offset} is at or past total_bytes={total}")
+        if not data:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "data: a range must not be empty")
         if end > total:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           f"data: range [{offset}, {end}) runs past total_bytes={total}")
