@@ -24,6 +24,12 @@ as many connections. The same get in one call (`get_ranges=1`: a Get stream of 1
 code before ranges) is timed in the same rounds as `service_<backend>_get_one_call`, and in
 exactly n equal ranges (`--get-ranges`, sizes over the threshold only) as
 `service_redis_get_<n>_ranges`.
+
+`service_<backend>_put` is `KVStoreClient.put` as shipped: a record of at least 2 x PUT_RANGE_BYTES
+goes as byte ranges (at most DEFAULT_PUT_RANGES) on parallel PutWhole calls, committed by the
+service when the last arrived. The same put in one call (`put_ranges=1`, the code before ranged
+puts) is timed in the same rounds as `service_<backend>_put_one_call`, and in exactly n equal
+ranges (`--put-ranges`, sizes of 2 MiB and up) as `service_redis_put_<n>_ranges`.
 """
 
 from __future__ import annotations
@@ -47,7 +53,13 @@ from kvpack.common.allocator import keep_freed_memory
 from kvpack.common.hashing import block_hashes
 from kvpack.kvstore.backends.redis import RedisBackend, ValueSendingConnection
 from kvpack.kvstore.client import KVStoreClient, StoreError
-from kvpack.kvstore.protocol import DEFAULT_GET_RANGES, GET_RANGE_BYTES, STREAMED_GET_BYTES
+from kvpack.kvstore.protocol import (
+    DEFAULT_GET_RANGES,
+    DEFAULT_PUT_RANGES,
+    GET_RANGE_BYTES,
+    PUT_RANGE_BYTES,
+    STREAMED_GET_BYTES,
+)
 
 PARALLEL_STREAMS = 4
 SIZES = {"64KiB": 64 << 10, "1MiB": 1 << 20, "4MiB": 4 << 20, "16MiB": 16 << 20}
@@ -124,7 +136,8 @@ def measure_size(raw: redis.Redis, raw_like_service: redis.Redis, reader: RedisB
                  clients: dict[str, KVStoreClient], one_call: dict[str, KVStoreClient],
                  ranged: dict[int, KVStoreClient],
                  parallel: dict[str, KVStoreClient], label: str, size: int, repeats: int,
-                 alternate: bool = True) -> dict:
+                 alternate: bool = True,
+                 put_ranged: dict[int, KVStoreClient] | None = None) -> dict:
     data = record.encode(record.RecordHeader.for_namespace("bench"), os.urandom(size - 200))
     hashes = block_hashes(list(range(repeats)), 1)
     raw_keys = [f"raw:{i}" for i in range(repeats)]
@@ -136,9 +149,15 @@ def measure_size(raw: redis.Redis, raw_like_service: redis.Redis, reader: RedisB
             "raw_redis_get_service_reader": lambda i: reader.get_with_room(raw_keys[i], 32)}
     for backend, client in clients.items():
         puts[f"service_{backend}_put"] = lambda i, c=client: c.put("bench", hashes[i], data)
+        puts[f"service_{backend}_put_one_call"] = (
+            lambda i, c=one_call[backend]: c.put("bench", hashes[i], data))
         gets[f"service_{backend}_get"] = lambda i, c=client: _check(c.get("bench", hashes[i]))
         gets[f"service_{backend}_get_one_call"] = (
             lambda i, c=one_call[backend]: _check(c.get("bench", hashes[i])))
+    if len(data) >= 2 << 20:  # 1 MiB ranges at least
+        for count, client in (put_ranged or {}).items():
+            puts[f"service_redis_put_{count}_ranges"] = (
+                lambda i, c=client: c.put("bench", hashes[i], data))
     if len(data) > STREAMED_GET_BYTES:  # below it every get is one GetWhole message
         for count, client in ranged.items():
             gets[f"service_redis_get_{count}_ranges"] = (
@@ -164,6 +183,11 @@ def measure_size(raw: redis.Redis, raw_like_service: redis.Redis, reader: RedisB
     row["put_vs_raw"] = row["service_redis_put_mb_s"] / row["raw_redis_set_mb_s"]
     row["put_vs_raw_service_packer"] = (row["service_redis_put_mb_s"]
                                         / row["raw_redis_set_service_packer_mb_s"])
+    row["put_one_call_vs_raw"] = row["service_redis_put_one_call_mb_s"] / row["raw_redis_set_mb_s"]
+    for count in put_ranged or {}:
+        if f"service_redis_put_{count}_ranges_mb_s" in row:
+            row[f"put_{count}_ranges_vs_raw"] = (row[f"service_redis_put_{count}_ranges_mb_s"]
+                                                 / row["raw_redis_set_mb_s"])
     row["get_vs_raw"] = row["service_redis_get_mb_s"] / row["raw_redis_get_mb_s"]
     row["get_one_call_vs_raw"] = row["service_redis_get_one_call_mb_s"] / row["raw_redis_get_mb_s"]
     for count in ranged:
@@ -196,6 +220,10 @@ def main() -> None:
                         help="other range counts to time KVStoreClient.get with, beside the "
                              f"default ({DEFAULT_GET_RANGES}) and one call (comma-separated; '' "
                              "for none)")
+    parser.add_argument("--put-ranges", default="2,4",
+                        help="other range counts to time KVStoreClient.put with, beside the "
+                             f"default ({DEFAULT_PUT_RANGES}) and one call (comma-separated; '' "
+                             "for none)")
     parser.add_argument("--fixed-order", action="store_true",
                         help="run each round's operations in one order (this script before "
                              "2026-12-07's ranged Get), not reversed every other round")
@@ -203,6 +231,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = {label: SIZES[label] for label in args.sizes.split(",")}
     range_counts = [int(n) for n in args.get_ranges.split(",") if n]
+    put_range_counts = [int(n) for n in args.put_ranges.split(",") if n]
     allocator = "glibc defaults" if args.default_allocator else "freed memory kept"
     if not args.default_allocator and not keep_freed_memory():
         allocator = "glibc defaults (mallopt unavailable)"
@@ -222,16 +251,20 @@ def main() -> None:
         }
         clients = {b: stack.enter_context(KVStoreClient(a, streams=1))
                    for b, a in addresses.items()}
-        one_call = {b: stack.enter_context(KVStoreClient(a, streams=1, get_ranges=1))
+        one_call = {b: stack.enter_context(KVStoreClient(a, streams=1, get_ranges=1,
+                                                         put_ranges=1))
                     for b, a in addresses.items()}
         ranged = {n: stack.enter_context(KVStoreClient(  # exactly n equal ranges
             addresses["redis"], streams=1, get_ranges=n, get_range_bytes=1)) for n in range_counts}
+        put_ranged = {n: stack.enter_context(KVStoreClient(  # exactly n equal ranges
+            addresses["redis"], streams=1, put_ranges=n, put_range_bytes=1))
+            for n in put_range_counts}
         parallel = {b: stack.enter_context(KVStoreClient(a, streams=PARALLEL_STREAMS))
                     for b, a in addresses.items()}
         for label, size in sizes.items():
             rows.append(measure_size(raw, raw_like_service, reader, clients, one_call, ranged,
                                      parallel, label, size, args.repeats,
-                                     alternate=not args.fixed_order))
+                                     alternate=not args.fixed_order, put_ranged=put_ranged))
             print(json.dumps(rows[-1]), flush=True)
         redis_version = raw.info("server")["redis_version"]
     result = {
@@ -248,6 +281,8 @@ def main() -> None:
         "get_ranges_default": DEFAULT_GET_RANGES,
         "get_range_bytes_default": GET_RANGE_BYTES,
         "ranged_get_over_bytes": STREAMED_GET_BYTES,
+        "put_ranges_default": DEFAULT_PUT_RANGES,
+        "put_range_bytes_default": PUT_RANGE_BYTES,
         "repeats": args.repeats,
         "round_order": "fixed" if args.fixed_order else "reversed every other round",
         "rows": rows,
@@ -283,7 +318,7 @@ def markdown_table(result: dict) -> str:
             f"{r['get_many_vs_raw']:.2f}× | {r['service_redis_get_many_parallel_mb_s']:.0f} | "
             f"{r['get_many_parallel_vs_raw']:.2f}× | {r['service_memory_put_mb_s']:.0f} | "
             f"{r['service_memory_get_mb_s']:.0f} | {r['service_memory_get_many_mb_s']:.0f} |")
-    return "\n".join(lines) + get_table(result)
+    return "\n".join(lines) + get_table(result) + put_table(result)
 
 
 def get_table(result: dict) -> str:
@@ -314,6 +349,38 @@ def get_table(result: dict) -> str:
                       _cell(r, f"get_{n}_ranges_vs_raw", ".2f", "×")]
         cells += [f"{r['service_memory_get_one_call_mb_s']:.0f}",
                   f"{r['service_memory_get_mb_s']:.0f}"]
+        lines.append(f"| {r['block']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def put_table(result: dict) -> str:
+    """Put's variants side by side (results of this script's versions with ranged puts)."""
+    rows = [r for r in result["rows"] if "service_redis_put_one_call_mb_s" in r]
+    if not rows:
+        return ""
+    counts = sorted({int(key.split("_")[3]) for r in rows for key in r
+                     if key.startswith("service_redis_put_") and key.endswith("_ranges_mb_s")})
+    lines = [
+        "", "",
+        f"Put (redis): the default (records of at least 2 x "
+        f"{result.get('put_range_bytes_default', 0) / (1 << 20):g} MiB in at most "
+        f"{result.get('put_ranges_default', '?')} ranges), one call (as before ranged puts), "
+        "exactly n ranges; MB/s and / raw SET.",
+        "",
+        "| block | raw SET | Put (default) | / raw | Put, one call | / raw |"
+        + "".join(f" {n} ranges | / raw |" for n in counts)
+        + " Put, one call (memory) | Put (memory) |",
+        "| --- |" + " ---: |" * (7 + 2 * len(counts)),
+    ]
+    for r in rows:
+        cells = [f"{r['raw_redis_set_mb_s']:.0f}", f"{r['service_redis_put_mb_s']:.0f}",
+                 f"{r['put_vs_raw']:.2f}×", f"{r['service_redis_put_one_call_mb_s']:.0f}",
+                 f"{r['put_one_call_vs_raw']:.2f}×"]
+        for n in counts:
+            cells += [_cell(r, f"service_redis_put_{n}_ranges_mb_s", ".0f"),
+                      _cell(r, f"put_{n}_ranges_vs_raw", ".2f", "×")]
+        cells += [f"{r['service_memory_put_one_call_mb_s']:.0f}",
+                  f"{r['service_memory_put_mb_s']:.0f}"]
         lines.append(f"| {r['block']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

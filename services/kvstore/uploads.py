@@ -1,17 +1,19 @@
 """Ranged Put: a record uploaded as byte ranges over concurrent PutWhole calls (PutChunk.upload_id).
 
-Each range is checked (bounds, overlaps, agreement with the upload's first range), staged apart
-from the record's key (Backend.stage_range: held in this process, a view into its received
-message) and fed, in record order, to a record.RecordVerifier (ranges that arrive ahead of a
-missing one wait until it comes). The call whose range completes the record finishes the
-verification — the same checks as a one-call Put, on exactly the bytes that were staged — and
-commits the upload in one backend step (Backend.commit_staged), so the record's key never holds
-part of a record. No separate commit call: it would cost a round trip (~0.8 ms for a small call on
-the 2-core VM against ~5-14 ms for a 4 MiB put).
+Each range is checked (bounds, overlaps, agreement with the upload's first range) and taken; the
+record's bytes then go, in record order, to a record.RecordVerifier and to the backend's
+RecordWriter (Backend.open_upload), which keeps them apart from the record's key: held in this
+process, or for a single Redis streamed into one SET whose end is sent only at commit. A range
+that arrives ahead of a missing one waits (a view into its received message) until the gap is
+filled; whichever call fills it writes what is now in order. When the last byte is written, that
+call finishes the verification — the same checks as a one-call Put, on exactly the bytes written
+— and commits the record in one backend step, so the record's key never holds part of a record.
+There is no separate commit call: it would cost a round trip (~0.8 ms for a small call on the
+2-core VM against ~5-14 ms for a 4 MiB put).
 
 The state of an upload lives in this process, so the ranges of one upload must reach one service
 process (the client's connections all go to one address). An upload not completed within its TTL
-is abandoned: dropped with its staged bytes.
+is abandoned: dropped with what it wrote (an unfinished SET goes with its connection).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections import OrderedDict
 
 import grpc
 from kvpack.common import record
-from kvpack.kvstore.backends import Backend, BackendUnavailable, RecordTooLarge, StagingLost
+from kvpack.kvstore.backends import Backend, RecordTooLarge, RecordWriter
 from kvpack.kvstore.metrics import KVStoreMetrics
 from kvpack.kvstore.protocol import UPLOAD_ID_BYTES
 from kvpack.proto import kvstore_pb2
@@ -40,8 +42,8 @@ class Refused(Exception):
 
 
 class _Upload:
-    def __init__(self, upload_id: bytes, key: str, namespace: str, block_hash: bytes,
-                 total: int) -> None:
+    def __init__(self, upload_id: bytes, writer: RecordWriter, key: str, namespace: str,
+                 block_hash: bytes, total: int) -> None:
         self.id = upload_id
         self.name = upload_id.hex()
         self.key = key
@@ -51,11 +53,12 @@ class _Upload:
         self.started = time.monotonic()
         self.lock = threading.Lock()
         self.state = "open"  # -> "committing" -> an UPLOAD_EVENTS outcome
-        self.ranges: dict[int, int] = {}  # offset -> end, of every range taken (staged or not)
-        self.staged: set[int] = set()  # offsets of the staged ones
-        self.staged_bytes = 0
-        self.waiting: dict[int, memoryview] = {}  # staged, not yet verified (a gap before them)
-        self.verified = 0  # bytes fed to the verifier, from offset 0
+        self.ranges: dict[int, int] = {}  # offset -> end, of every range taken
+        self.received = 0  # bytes of those ranges
+        self.waiting: dict[int, memoryview] = {}  # taken, not yet written (a gap before them)
+        self.writing = False  # a call is writing the bytes in order (only it touches these:)
+        self.written = 0  # bytes written to the writer and the verifier, from offset 0
+        self.writer = writer
         self.verifier = record.RecordVerifier(total, namespace)
 
 
@@ -97,45 +100,53 @@ class Uploads:
             if upload.state != "open":
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                               f"upload_id: upload {upload.name} is {_said(upload.state)}")
-            if upload.ranges.get(offset) == end and offset in upload.staged:
-                # The same range again (a retry whose answer was lost): already staged and
-                # verified as it first came; these bytes are not used.
-                return kvstore_pb2.PutResponse(staged_bytes=upload.staged_bytes)
+            if upload.ranges.get(offset) == end:
+                # The same range again (a retry whose answer was lost): already taken as it
+                # first came; these bytes are not used.
+                return kvstore_pb2.PutResponse(staged_bytes=upload.received)
             for start, stop in upload.ranges.items():
                 if start < end and offset < stop:
                     raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                   f"offset: range [{offset}, {end}) overlaps [{start}, {stop}), "
                                   f"already sent in upload {upload.name}")
             upload.ranges[offset] = end
-        try:
-            self.backend.stage_range(upload.name, key, offset, data)
-        except BaseException:
-            with upload.lock:
-                upload.ranges.pop(offset, None)  # may be sent again
-            raise
+            upload.received += len(data)
+            upload.waiting[offset] = data
+            received = upload.received
+            writes = not upload.writing  # else the call writing now takes this range in turn
+            upload.writing = True
         self.metrics.upload_ranges.inc()
-        with upload.lock:
-            if upload.state != "open":  # abandoned while this range was being staged
-                dropped = upload.state
-            else:
-                dropped = None
-                upload.staged.add(offset)
-                upload.staged_bytes += len(data)
-                upload.waiting[offset] = data
-                while upload.verified in upload.waiting:  # feed the verifier in record order
-                    part = upload.waiting.pop(upload.verified)
-                    upload.verifier.update(part)
-                    upload.verified += len(part)
-                if upload.staged_bytes == upload.total:
-                    upload.state = "committing"
-                staged, complete = upload.staged_bytes, upload.state == "committing"
-        if dropped is not None:
-            self._discard(upload)
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"upload_id: upload {upload.name} is {_said(dropped)}")
+        if not writes:
+            return kvstore_pb2.PutResponse(staged_bytes=received)
+        try:
+            complete = self._write_in_order(upload)
+        except BaseException:
+            # its later ranges are refused; the client puts the record again
+            self._end(upload, "refused", by_writer=True)
+            raise
         if not complete:
-            return kvstore_pb2.PutResponse(staged_bytes=staged)
+            return kvstore_pb2.PutResponse(staged_bytes=received)
         return self._commit(upload)
+
+    def _write_in_order(self, upload: _Upload) -> bool:
+        """Write the ranges that are in order now (this call holds upload.writing); whether the
+        whole record is written (then this call commits it)."""
+        while True:
+            with upload.lock:
+                part = upload.waiting.pop(upload.written, None)
+                if part is None or upload.state != "open":
+                    upload.writing = False
+                    if upload.state != "open":
+                        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                                      f"upload_id: upload {upload.name} is "
+                                      f"{_said(upload.state)}")
+                    if upload.written < upload.total:
+                        return False
+                    upload.state = "committing"
+                    return True
+            upload.verifier.update(part)
+            upload.writer.write(part)
+            upload.written += len(part)
 
     def _upload(self, upload_id: bytes, key: str, namespace: str, block_hash: bytes,
                 total: int) -> _Upload | kvstore_pb2.PutResponse:
@@ -159,66 +170,58 @@ class Uploads:
                               f"total_bytes: {total} more bytes of uploads would pass this "
                               f"service's bound of {self.max_staged_bytes} "
                               f"({self._open_bytes} open); put the record in one call")
-            upload = self._open[upload_id] = _Upload(upload_id, key, namespace, block_hash, total)
+            upload = self._open[upload_id] = _Upload(
+                upload_id, self.backend.open_upload(key, total), key, namespace, block_hash,
+                total)
             self._open_bytes += total
             self.metrics.uploads.labels("staged").inc()
             self.metrics.uploads_open.set(len(self._open))
             return upload
 
     def _commit(self, upload: _Upload) -> kvstore_pb2.PutResponse:
-        """Verify the complete upload and store it under its key in one backend step."""
+        """Finish verifying the written record and store it under its key in one backend step."""
         try:
             try:
                 upload.verifier.finish()
             except record.RecordError as error:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"data: {error}") from None
-            self.backend.commit_staged(upload.name, upload.key, upload.total)
-        except Refused:
-            self._end(upload, "refused")
-            raise
+            upload.writer.commit()
         except RecordTooLarge as error:
             self._end(upload, "refused")
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
-        except StagingLost as error:
-            self._end(upload, "abandoned")
-            raise Refused(grpc.StatusCode.ABORTED,
-                          f"upload_id: the backend lost staged ranges ({error}); nothing was "
-                          "stored, put the record again") from None
-        except BaseException:  # BackendUnavailable, bugs: ended, its later ranges refused
+        except BaseException:  # Refused, BackendUnavailable, bugs: ended, later ranges refused
             self._end(upload, "refused")
             raise
         self._end(upload, "committed")
         self.metrics.put_bytes.inc(upload.total)
         return kvstore_pb2.PutResponse(stored_bytes=upload.total, staged_bytes=upload.total)
 
-    def _end(self, upload: _Upload, outcome: str) -> None:
-        """Close the upload with `outcome`, dropping what it staged unless it was committed."""
-        with upload.lock:
-            upload.state = outcome
-            upload.waiting.clear()
-            upload.verifier = None
+    def _end(self, upload: _Upload, outcome: str, *, by_writer: bool = False) -> None:
+        """Close the upload with `outcome` (counted once) and, unless it was committed, drop
+        what it wrote (here, or by the call writing it when that call fails: `by_writer`)."""
         now = time.monotonic()
         with self._lock:
-            if self._open.pop(upload.id, None) is not None:
+            first = self._open.pop(upload.id, None) is not None
+            if first:
                 self._open_bytes -= upload.total
-            self._ended[upload.id] = (outcome, upload, now)
-            while len(self._ended) > MAX_ENDED_UPLOADS or (
-                    self._ended and next(iter(self._ended.values()))[2] + self.ttl_seconds < now):
-                self._ended.popitem(last=False)
-            self.metrics.uploads.labels(outcome).inc()
-            self.metrics.uploads_open.set(len(self._open))
-        if outcome != "committed":
-            self._discard(upload)
-
-    def _discard(self, upload: _Upload) -> None:
-        try:
-            self.backend.discard_staged(upload.name, upload.key)
-        except BackendUnavailable:  # a backend staging elsewhere expires it by itself
-            pass
+                self._ended[upload.id] = (outcome, upload, now)
+                while len(self._ended) > MAX_ENDED_UPLOADS or (
+                        self._ended
+                        and next(iter(self._ended.values()))[2] + self.ttl_seconds < now):
+                    self._ended.popitem(last=False)
+                self.metrics.uploads.labels(outcome).inc()
+                self.metrics.uploads_open.set(len(self._open))
+        with upload.lock:
+            if first:
+                upload.state = outcome
+                upload.waiting.clear()
+            writing = upload.writing and not by_writer
+        if outcome != "committed" and not writing:
+            upload.writer.abort()
 
     def sweep(self) -> None:
         """Abandon the uploads open longer than the TTL (called with every range and by the
-        server's health loop)."""
+        server's health loop); one a call is writing right now is left to finish."""
         deadline = time.monotonic() - self.ttl_seconds
         with self._lock:
             expired = []
@@ -228,9 +231,8 @@ class Uploads:
                 expired.append(upload)
         for upload in expired:
             with upload.lock:
-                if upload.state != "open":  # committing: its commit ends it
+                if upload.state != "open" or upload.writing:
                     continue
-                upload.state = "abandoned"
             self._end(upload, "abandoned")
 
     def open_count(self) -> int:

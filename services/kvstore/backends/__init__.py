@@ -8,14 +8,14 @@ from kvpack.kvstore.backends.base import (
     Backend,
     BackendUnavailable,
     RecordTooLarge,
-    StagingLost,
+    RecordWriter,
     Usage,
     block_key,
 )
 
 SCHEMES = ("memory://", "redis://host:port/db", "redis+cluster://host:port")
 
-__all__ = ["Backend", "BackendUnavailable", "RecordTooLarge", "StagingLost", "Usage", "block_key",
+__all__ = ["Backend", "BackendUnavailable", "RecordTooLarge", "RecordWriter", "Usage", "block_key",
            "open_backend"]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -13,11 +12,6 @@ class BackendUnavailable(Exception):
 
 class RecordTooLarge(Exception):
     """The record can never fit in this backend."""
-
-
-class StagingLost(Exception):
-    """The staged ranges of an upload are gone or incomplete (evicted or expired): nothing was
-    stored."""
 
 
 @dataclass(frozen=True)
@@ -80,46 +74,52 @@ class Backend(ABC):
     @abstractmethod
     def usage(self) -> Usage: ...
 
-    # -- staged uploads (ranged Put) ---------------------------------------------------------
-    # The ranges of one upload are held apart from the record's key and stored under it in one
-    # step (commit_staged), so nothing partial is ever visible or stored under `key`. The service
-    # checks the ranges (coverage, overlaps, the record's checksum); this only holds their bytes.
-    # They stay in the service's process for every backend: staging them in Redis (SETRANGE into
-    # a staging string, RENAME at the end) cost Redis 7 ms of CPU per SETRANGE of 2-16 MiB on the
-    # 2-core VM (a fresh string zero-filled, then the bytes copied in) where a SET of the whole
-    # record costs it 0.2 ms (it keeps the buffer it received) (`INFO commandstats`).
-
-    def stage_range(self, upload: str, key: str, offset: int, data: memoryview) -> None:
-        """Hold `data` (not copied) at `offset` of upload `upload` (an id unique to one upload) of
-        the record for `key`."""
-        with _STAGING_LOCK:
-            self.__dict__.setdefault("_staged_ranges", {}).setdefault(upload, {})[offset] = data
-
-    def commit_staged(self, upload: str, key: str, total_bytes: int) -> None:
-        """Store the upload's ranges, joined, under `key` in one step (as put) and drop them.
-        StagingLost if they do not make up `total_bytes` bytes; RecordTooLarge as put."""
-        with _STAGING_LOCK:
-            parts = self.__dict__.get("_staged_ranges", {}).pop(upload, {})
-        at = 0
-        for offset in sorted(parts):
-            if offset != at:
-                raise StagingLost(f"upload {upload}: bytes from {at} missing")
-            at += len(parts[offset])
-        if at != total_bytes:
-            raise StagingLost(f"upload {upload}: {at} of {total_bytes} bytes staged")
-        self.put_parts(key, [parts[offset] for offset in sorted(parts)])
+    # -- ranged Put -------------------------------------------------------------------------
+    def open_upload(self, key: str, total_bytes: int) -> RecordWriter:
+        """A writer for one record of `total_bytes` bytes under `key`, fed in record order:
+        nothing of it is visible or stored under `key` before RecordWriter.commit, which stores
+        it in one step (as put). This default holds the pieces (not copied) and puts them joined
+        at commit; the single-Redis backend streams them into one SET as they come."""
+        return _HeldRecord(self, key)
 
     def put_parts(self, key: str, parts: list[memoryview]) -> None:
         """put() of the record that is `parts` joined; this default joins them (one copy)."""
         self.put(key, parts[0] if len(parts) == 1 else b"".join(parts))
 
-    def discard_staged(self, upload: str, key: str) -> None:
-        """Drop what is staged for the upload (nothing if nothing is)."""
-        with _STAGING_LOCK:
-            self.__dict__.get("_staged_ranges", {}).pop(upload, None)
-
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
 
-_STAGING_LOCK = threading.Lock()
+class RecordWriter(ABC):
+    """One record being written in order (Backend.open_upload). Not thread-safe: the service
+    feeds one writer from one thread at a time."""
+
+    @abstractmethod
+    def write(self, data: memoryview) -> None:
+        """The record's next bytes (BackendUnavailable if the backend fails)."""
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Store the record (all of it written) under its key in one step."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop what was written; nothing is stored. Safe to call more than once."""
+
+
+class _HeldRecord(RecordWriter):
+    def __init__(self, backend: Backend, key: str) -> None:
+        self._backend = backend
+        self._key = key
+        self._parts: list[memoryview] = []
+
+    def write(self, data: memoryview) -> None:
+        self._parts.append(data)
+
+    def commit(self) -> None:
+        parts, self._parts = self._parts, []
+        self._backend.put_parts(self._key, parts)
+
+    def abort(self) -> None:
+        self._parts = []
+

@@ -17,6 +17,16 @@ is copied once in user space (into the message) where redis-py + hiredis copy it
 service even starts (hiredis' buffer, then the reply's bytes). 4 MiB on the 2-core VM: 1.4 ms
 against 2.6 ms for redis-py's GET as installed. A range of a record (`get_range_with_room`) is
 read the same way: STRLEN and GETRANGE pipelined (one round trip; Redis sends only the range).
+
+A ranged Put (single Redis, `open_upload`) streams the record into one SET while its ranges are
+still arriving: the command's head and the value's bytes go out on a connection of its own as
+soon as they are in order, and the end of the command (the CRLF after the value, and EX) only at
+commit, after the service verified the whole record. Redis runs a command only once all of it
+arrived, so until then nothing of the record exists in Redis; an aborted upload closes the
+connection and Redis drops the unfinished command. Redis keeps the value's buffer as it received
+it (SET of a large value costs it ~0.2 ms of CPU at 2-16 MiB, `INFO commandstats`), where staging
+ranges in Redis with SETRANGE cost it ~7 ms per range (a fresh string zero-filled, then copied
+into). Redis Cluster: the pieces are joined and SET at commit.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import time
 from urllib.parse import urlparse
 
 import redis
-from kvpack.kvstore.backends.base import Backend, BackendUnavailable, Usage
+from kvpack.kvstore.backends.base import Backend, BackendUnavailable, RecordWriter, Usage
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.connection import Connection, Encoder, PythonRespSerializer
@@ -157,6 +167,11 @@ class RedisBackend(Backend):
                     self._raw_pool.release(connection)
         raise AssertionError("unreachable")
 
+    def open_upload(self, key: str, total_bytes: int) -> RecordWriter:
+        if self.cluster:  # redis-py routes the key's SET; the pieces are joined for it
+            return super().open_upload(key, total_bytes)
+        return _StreamedSet(self, key, total_bytes)
+
     def exists(self, keys: list[str]) -> list[bool]:
         if not keys:
             return []
@@ -202,6 +217,56 @@ class RedisBackend(Backend):
         self._client.close()
         if self._raw_pool is not None:
             self._raw_pool.disconnect()
+
+
+class _StreamedSet(RecordWriter):
+    """SET key value [EX ttl], the value sent piece by piece as the record's bytes come in order,
+    the command finished only by commit (see the module's docstring)."""
+
+    def __init__(self, backend: RedisBackend, key: str, total_bytes: int) -> None:
+        self._backend = backend
+        self._pool = backend._client.connection_pool
+        self._connection = None
+        ttl = backend.ttl_seconds
+        key_bytes = key.encode()
+        self._head = b"".join((
+            b"*5\r\n" if ttl else b"*3\r\n", b"$3\r\nSET\r\n",
+            b"$%d\r\n" % len(key_bytes), key_bytes, b"\r\n", b"$%d\r\n" % total_bytes))
+        self._tail = b"\r\n" + (b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ttl)), ttl)
+                                if ttl else b"")
+
+    def write(self, data: memoryview) -> None:
+        try:
+            if self._connection is None:
+                self._connection = self._pool.get_connection()
+                self._connection.send_packed_command([self._head, data])  # health-checked
+            else:  # mid-command: no health-check PING may go out now
+                self._connection.send_packed_command([data], check_health=False)
+        except (OSError, *_FAILURES) as error:
+            self.abort()
+            raise BackendUnavailable(f"redis at {self._backend.url}: {error}") from error
+
+    def commit(self) -> None:
+        if self._connection is None:
+            raise ValueError("commit before any write")
+        connection = self._connection
+        try:
+            connection.send_packed_command([self._tail], check_health=False)
+            connection.read_response()
+        except (OSError, *_FAILURES) as error:
+            self.abort()
+            raise BackendUnavailable(f"redis at {self._backend.url}: {error}") from error
+        except BaseException:
+            self.abort()
+            raise
+        self._connection = None
+        self._pool.release(connection)
+
+    def abort(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.disconnect()  # Redis drops the unfinished command with the connection
+            self._pool.release(connection)
 
 
 def _read_bulk(sock: socket.socket, room: int, size_first: bool = False
