@@ -310,7 +310,7 @@ class KVStoreClient:
 
     def _put_ranges(self, namespace: str, block_hash: bytes, data: bytes) -> bool | None:
         """Put a record as byte ranges under one new upload id, one PutWhole each, on separate
-        connections at once (the caller's thread sends the first, the range pool the others):
+        connections at once (the range pool sends the first ones, the caller's thread the last):
         the call that completes the record answers stored_bytes = its size once the service
         verified and stored it. None when it did; else whether every range was refused as
         invalid (what a server without ranged puts answers), for the caller to put the record in
@@ -335,8 +335,11 @@ class KVStoreClient:
             except StoreError as error:
                 return error
 
-        rest = [self._range_pool.submit(send, index) for index in range(1, len(offsets))]
-        answers = [send(0), *(future.result() for future in rest)]  # none outlives this call
+        # The pool sends the first ranges, the calling thread the last: the service writes the
+        # record in order as it comes, so the first range had better leave first.
+        first = [self._range_pool.submit(send, index) for index in range(len(offsets) - 1)]
+        last = send(len(offsets) - 1)
+        answers = [*(future.result() for future in first), last]  # none outlives this call
         errors = [answer for answer in answers if isinstance(answer, StoreError)]
         for error in errors:
             if isinstance(error, (StoreUnavailable, Unauthenticated)):

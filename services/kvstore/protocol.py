@@ -30,9 +30,15 @@ GET_RANGE_BYTES = 2 << 20
 DEFAULT_GET_RANGES = 4
 # KVStoreClient.put sends a record as byte ranges (PutWhole with PutChunk.upload_id), in parallel
 # over separate connections, when it splits into at least 2 ranges of at least PUT_RANGE_BYTES
-# (at most DEFAULT_PUT_RANGES of them): a 4 MiB record in 2, 16 MiB in 4; below 4 MiB one call.
-# Chosen by bench_store.py's Put rows (bench/README.md "Put: ranges").
-PUT_RANGE_BYTES = 2 << 20
+# (at most DEFAULT_PUT_RANGES of them): below 8 MiB one call, 8-16 MiB in 2-3, 16 MiB and up in 4.
+# The shared 2-core VM (one core held by other work), bench_store.py's alternating rounds,
+# medians of runs (bench/results/kvstore_put_ranges_vm_cpu.json, bench/README.md "Put: ranges"):
+# 16 MiB in 4 ranges ~1.5x one call's MB/s, but 4 MiB in 2, 3 or 4 ranges 10-25% slower than one
+# call (each call costs the client and the service ~0.8 ms of CPU, and there is no free core to
+# overlap them on). A host with free cores may gain at 4 MiB too (ranged Get did: 16-core host,
+# 4 ranges 0.45x raw GET vs one call 0.37x): `--put-ranges 2,4` times it; 2 MiB ranges would
+# split a 4 MiB record in 2.
+PUT_RANGE_BYTES = 4 << 20
 DEFAULT_PUT_RANGES = 4
 # An upload id: random bytes the client picks per ranged put.
 UPLOAD_ID_BYTES = 16

@@ -18,6 +18,7 @@ from kvpack.common.hashing import namespace_fingerprint
 from kvpack.kvstore import servicer as servicer_module
 from kvpack.kvstore.backends import block_key
 from kvpack.kvstore.client import InvalidRequest, KVStoreClient, StoreUnavailable
+from kvpack.kvstore.protocol import DEFAULT_PUT_RANGES, PUT_RANGE_BYTES
 from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
 from support.blocks import chain, make_record, random_record
 from support.processes import wait_for
@@ -131,6 +132,21 @@ def test_client_round_trips_around_the_threshold_on_every_backend(any_store, pay
     assert any_store.metrics.value("kvpack_kvstore_upload_ranges_total") == 2 * ranges
     assert any_store.metrics.value("kvpack_kvstore_put_bytes_total") == 2 * len(data)
     assert _nothing_staged(any_store)
+
+
+@pytest.mark.parametrize("record_bytes", [2 * PUT_RANGE_BYTES - 1, 2 * PUT_RANGE_BYTES,
+                                          DEFAULT_PUT_RANGES * PUT_RANGE_BYTES + 5])
+def test_the_defaults(store, record_bytes):
+    """A record of at least 2 x PUT_RANGE_BYTES goes in ranges, at most DEFAULT_PUT_RANGES."""
+    data = random_record("ns", 1000)
+    data = random_record("ns", record_bytes - (len(data) - 1000))
+    assert len(data) == record_bytes
+    with KVStoreClient(store.address) as client:
+        client.put("ns", chain(1)[0], data)
+        assert client.get("ns", chain(1)[0]) == data
+    ranges = min(DEFAULT_PUT_RANGES, record_bytes // PUT_RANGE_BYTES)
+    assert store.metrics.value("kvpack_kvstore_upload_ranges_total") == (
+        ranges if ranges > 1 else 0)
 
 
 def test_one_call_when_put_ranges_is_1(store):
@@ -284,7 +300,7 @@ def test_client_against_a_server_without_ranged_puts(store, monkeypatch):
     (offset, or an early end): the client puts the record in one call and stops sending ranges."""
     monkeypatch.setattr(servicer_module, "_upload_of", lambda chunk: b"")
     data = random_record("ns", 4 * MiB)
-    with KVStoreClient(store.address) as client:  # defaults: 2 ranges of 2 MiB
+    with KVStoreClient(store.address, put_range_bytes=2 * MiB) as client:  # 2 ranges
         for index in range(3):
             client.put("ns", chain(3)[index], data)
             assert client.get("ns", chain(3)[index]) == data
@@ -297,7 +313,7 @@ def test_client_against_a_server_without_ranged_puts(store, monkeypatch):
 def test_dead_redis_fails_a_ranged_put_fast(redis_server, kvstore_factory):
     server = kvstore_factory(backend=redis_server.url)
     data = random_record("ns", 4 * MiB)
-    with KVStoreClient(server.address, retries=0) as client:
+    with KVStoreClient(server.address, retries=0, put_range_bytes=MiB) as client:
         client.put("ns", chain(2)[0], data)
         redis_server.stop()
         start = time.monotonic()
