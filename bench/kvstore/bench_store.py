@@ -300,7 +300,8 @@ def markdown_table(result: dict) -> str:
         f"{result.get('client_allocator', 'glibc defaults')}; median of {result['repeats']} "
         "sequential ops, MB/s.",
         "",
-        "| block | raw SET | service Put (redis) | Put / raw | raw SET, service's packer | Put / that "
+        "| block | raw SET | service Put (redis) | Put / raw | raw SET, service's packer "
+        "| Put / that "
         "| raw GET | service Get (redis) | Get / raw | raw GET, service's reader | Get / that "
         f"| GetMany (redis) | GetMany / raw | GetMany ×{PARALLEL_STREAMS} streams (redis) | "
         f"×{PARALLEL_STREAMS} / raw | Put (memory) | Get (memory) | GetMany (memory) |",
