@@ -226,6 +226,7 @@ def _kvquant_key_scores_v3_kernel(
     CORRECTION_ROWS: tl.constexpr, OUTLIER_ROW_CHUNK: tl.constexpr, HEADS: tl.constexpr,
     PRMT: tl.constexpr,
     PREFETCH: tl.constexpr, DIRECT_STORE: tl.constexpr, OPERANDS_TOGETHER: tl.constexpr,
+    PIPELINE: tl.constexpr,
 ):
     """The v2 score kernel's math (see `_kvquant_key_scores_kernel`) for head_dim 128, 3-bit
     codes in int32 words and 16-bit queries, with the key operand built where the tensor cores
@@ -304,7 +305,10 @@ def _kvquant_key_scores_v3_kernel(
                                                     live4)
     if PREFETCH >= 2:
         rot0, rot1, zq = _head_query_operands(operand_tile + first_head * operand_head)
-    for i in range(HEADS):
+    # PIPELINE > 1 (with PREFETCH 0): Triton's software pipeliner issues the loads of the
+    # PIPELINE - 1 next heads (code words and query operands) as asynchronous copies into shared
+    # memory, so they are in flight without holding registers; 1: a plain loop.
+    for i in tl.range(0, HEADS, num_stages=PIPELINE):
         kv_head = first_head + i
         query_head = kv_head * group_size + rows // num_query_tokens
         if PREFETCH >= 1:
@@ -364,6 +368,8 @@ def _kvquant_key_scores_v3_kernel(
 # What the head loop loads one head ahead: 0 nothing, 1 the code words, 2 code words and query
 # operands (see the kernel; 2 spills at the 128-register cap: 0.162 ms at 128K on the H100)
 V3_PREFETCH = 1
+# Software-pipeline stages of the head loop (1: none; > 1 needs prefetch 0, see the kernel)
+V3_PIPELINE = 1
 # Store the scores from the accumulator's register layout (inline PTX) instead of tl.store's
 # conversion through shared memory (see _store_from_accumulator)
 V3_DIRECT_STORE = True
@@ -382,7 +388,7 @@ def v3_fits(q: torch.Tensor, head_dim: int, bits: int, words: bool | None = None
 def key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq, attention_scaling, bits,
                    token_start, out, sink, block_t, num_warps, words, heads_per_program,
                    num_stages, maxnreg, prefetch=None, direct_store=None,
-                  operands_together=None, outlier_row_chunk=None):
+                  operands_together=None, outlier_row_chunk=None, pipeline=None):
     batch, num_kv_heads, num_tokens, _ = codes.shape
     head_dim = q.shape[-1]
     if not v3_fits(q, head_dim, bits, words):
@@ -431,6 +437,7 @@ def key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq, attention_
         PRMT=not interpret, PREFETCH=V3_PREFETCH if prefetch is None else prefetch,
         DIRECT_STORE=not interpret and (V3_DIRECT_STORE if direct_store is None else direct_store),
         OPERANDS_TOGETHER=V3_OPERANDS_TOGETHER if operands_together is None else operands_together,
+        PIPELINE=V3_PIPELINE if pipeline is None else pipeline,
         num_warps=num_warps, num_stages=num_stages,
         **({} if interpret or not maxnreg else {"maxnreg": maxnreg}),
     )

@@ -51,6 +51,10 @@ V3_CHECKS = [
     dict(prefetch=2, direct_store=True, heads_per_program=2),
     dict(block_t=128, num_warps=8, direct_store=True),
     dict(block_t=128, num_warps=8, direct_store=True, maxnreg=None),
+    dict(prefetch=0, direct_store=True, pipeline=2),
+    dict(prefetch=0, direct_store=True, pipeline=3),
+    dict(prefetch=0, direct_store=True, pipeline=4, heads_per_program=2),
+    dict(block_t=128, num_warps=8, prefetch=0, direct_store=True, pipeline=3),
 ]
 # launch settings of the raw score kernel; the first is the launcher's default for 2 and 4 bits
 # (version 2, decode row tile), version 3 is its default for 3 bits (head_dim 128, 16-bit queries).
@@ -58,25 +62,18 @@ V3_CHECKS = [
 # (the default prepares them once per call, see key_scores(prepared_queries=...)).
 SCORE_VARIANTS = [
     dict(version=2, block_t=64, num_warps=4),
-    dict(version=2, block_t=64, num_warps=4, outlier_row_chunk=1),  # one query row at a time
     # v3 (key operand built in the dot's register layout, 128-register cap, bt64 w4): launcher
-    # defaults, then each load/store option (prefetch: next head's code words one
-    # head ahead; direct: scores stored from the accumulator layout; together: a head's query
-    # operands in one shared-memory round)
+    # defaults (run 7's fastest: next head's code words loaded one head ahead into registers,
+    # scores stored from the accumulator layout), then the head loop software-pipelined by
+    # Triton (pipelineN: the loads of N - 1 heads ahead as asynchronous copies into shared
+    # memory; run 8). Run 7's load/store options are in its JSON and kvquant_h100_notes.md.
     dict(version=3),
-    dict(version=3, prefetch=0, direct_store=False, operands_together=False,
-         outlier_row_chunk=1),  # closest to v3 as of run 6 (whose outlier pass went row by row)
-    dict(version=3, prefetch=0, direct_store=True, operands_together=False),
-    dict(version=3, prefetch=1, direct_store=True, operands_together=False),
-    dict(version=3, prefetch=1, direct_store=False, operands_together=True),
-    dict(version=3, prefetch=1, direct_store=True, operands_together=True),
-    dict(version=3, prefetch=2, direct_store=True),
-    dict(version=3, prefetch=1, direct_store=True, operands_together=True, outlier_row_chunk=1),
-    dict(version=3, prefetch=1, direct_store=True, operands_together=True, maxnreg=None),
-    dict(version=3, block_t=128, num_warps=8, prefetch=1, direct_store=True,
-         operands_together=True),
-    dict(version=3, block_t=128, num_warps=8, prefetch=1, direct_store=True,
-         operands_together=True, maxnreg=None),
+    dict(version=3, prefetch=0, direct_store=True),
+    dict(version=3, prefetch=0, direct_store=True, pipeline=2),
+    dict(version=3, prefetch=0, direct_store=True, pipeline=3),
+    dict(version=3, prefetch=0, direct_store=True, pipeline=4),
+    dict(version=3, prefetch=0, direct_store=True, pipeline=3, heads_per_program=4),
+    dict(version=3, block_t=128, num_warps=8, prefetch=0, direct_store=True, pipeline=3),
 ]
 
 
@@ -85,7 +82,7 @@ def variant_label(variant: dict) -> str:
              "heads_per_program": "heads", "words": "words", "prepared_queries": "prepared",
              "version": "v", "maxnreg": "maxnreg", "prefetch": "prefetch",
              "direct_store": "direct", "operands_together": "together",
-             "outlier_row_chunk": "outlier_rows"}
+             "outlier_row_chunk": "outlier_rows", "pipeline": "pipeline"}
     return " ".join(f"{names[key]}{int(value) if isinstance(value, bool) else value}"
                     for key, value in variant.items())
 
@@ -205,7 +202,8 @@ def _rows_for_bits(codec, tokens, k, v, q, p, device, roofline_gbps, timed) -> l
         rows.append(timed(f"KVQuant-{bits} score kernel {variant_label(variant)}",
                           functools.partial(kernel, **variant),
                           key_bytes + scores_f32, roofline_gbps, bits=bits))
-    if bits == 3:  # ablation (not a valid score): what the sparse outlier pass costs version 3
+    if bits == 3 and kvquant_scores_v3_triton.v3_fits(q, q.shape[-1], bits):
+        # ablation (not a valid score): what the sparse outlier pass costs version 3
         no_slots = functools.partial(
             kvquant_triton.key_scores, q, used["codes"], used["outlier_index"][..., :0],
             used["outlier_delta"][..., :0], t["key_zero"], t["key_scale"], t["key_lut"],
