@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Nsight Compute profiles of the kernels named in profile_ncu.py, on a GPU machine (Firecracker
 # runtime: ncu reads counters there; see the device notes). Writes, per kernel, the report and
-# its details and source pages (per-line stall samples) as text into $1.
+# its details page, its source page (SASS by source line, with stall samples) and a per-line
+# summary (ncu_lines.py) as text into $1; bring back a tar of them (the device returns few files).
 #   bash bench/kernels/profile_ncu.sh OUTDIR [TOKENS] [KERNELS...]
 set -uo pipefail
 out=$1; tokens=${2:-131072}; shift 2 || shift $#
@@ -15,7 +16,6 @@ for name in "${kernels[@]}"; do
       --set full --import-source yes -f -o "$out/$name" \
       python3 "$here/profile_ncu.py" "$name" --tokens "$tokens" > "$out/$name.log" 2>&1
   ncu -i "$out/$name.ncu-rep" --page details > "$out/$name.details.txt" 2>&1
-  ncu -i "$out/$name.ncu-rep" --page source --csv --print-source sass > "$out/$name.sass.csv" 2>&1
-  ncu -i "$out/$name.ncu-rep" --page source --csv --print-source cuda > "$out/$name.src.csv" 2>&1
-  tail -3 "$out/$name.log"; head -c 300 "$out/$name.src.csv"; echo
+  ncu -i "$out/$name.ncu-rep" --page source --csv --print-source cuda,sass > "$out/$name.both.csv" 2>&1
+  python3 "$here/ncu_lines.py" "$out/$name.both.csv" --top 25 > "$out/$name.lines.txt"
 done
