@@ -377,3 +377,34 @@ def test_malformed_ranges_are_invalid_argument_naming_the_field(kvstore_factory,
     with KVStoreClient(server.address) as client:
         assert client.get("ns", chain(1)[0]) == data
     assert _uploads(server) == {"staged": 1, "committed": 1, "refused": 0, "abandoned": 0}
+
+
+def test_redis_writers_stream_one_set_or_hold_when_the_pool_is_full(redis_server):
+    """RedisBackend.open_upload: nothing exists before commit, an abort leaves nothing, and past
+    its pool's connections a writer holds its pieces and SETs them at commit."""
+    from kvpack.kvstore.backends.redis import RedisBackend
+
+    backend = RedisBackend(redis_server.url)
+    backend._upload_pool = redis.ConnectionPool.from_url(redis_server.url, max_connections=1)
+    raw = redis_server.client()
+    try:
+        pieces = [os.urandom(100_000) for _ in range(3)]
+        first, second, dropped = (backend.open_upload(name, 300_000) for name in "abc")
+        for piece in pieces:
+            first.write(memoryview(piece))  # streams: the pool's one connection
+            second.write(memoryview(piece))  # holds
+        assert raw.keys("*") == []
+        first.commit()
+        assert raw.get("a") == b"".join(pieces) and not raw.exists("b")
+        second.commit()
+        assert raw.get("b") == b"".join(pieces)
+        dropped.write(memoryview(pieces[0]))  # the connection is free again: streams
+        dropped.abort()
+        dropped.abort()
+        assert not raw.exists("c")
+        again = backend.open_upload("c", 100_000)
+        again.write(memoryview(pieces[1]))
+        again.commit()
+        assert raw.get("c") == pieces[1]
+    finally:
+        backend.close()

@@ -26,7 +26,8 @@ arrived, so until then nothing of the record exists in Redis; an aborted upload 
 connection and Redis drops the unfinished command. Redis keeps the value's buffer as it received
 it (SET of a large value costs it ~0.2 ms of CPU at 2-16 MiB, `INFO commandstats`), where staging
 ranges in Redis with SETRANGE cost it ~7 ms per range (a fresh string zero-filled, then copied
-into). Redis Cluster: the pieces are joined and SET at commit.
+into). Uploads stream on a pool of their own (at most 64 at once; past that an upload holds its
+pieces and SETs them joined at commit). Redis Cluster: the pieces are joined and SET at commit.
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ class RedisBackend(Backend):
             **{**common, "socket_read_size": 64 << 10})  # the parser reads handshakes only
         self._usage_lock = threading.Lock()
         self._usage: tuple[float, Usage] | None = None
+        # Connections of ranged uploads streaming a SET (open_upload): apart from the client's, so
+        # uploads held open by slow clients never starve other calls.
+        self._upload_pool = None if self.cluster else redis.ConnectionPool.from_url(
+            url, max_connections=_MAX_CONNECTIONS, **common)
 
     def _call(self, operation, *args, **kwargs):
         try:
@@ -170,7 +175,7 @@ class RedisBackend(Backend):
     def open_upload(self, key: str, total_bytes: int) -> RecordWriter:
         if self.cluster:  # redis-py routes the key's SET; the pieces are joined for it
             return super().open_upload(key, total_bytes)
-        return _StreamedSet(self, key, total_bytes)
+        return _StreamedSet(self, self._upload_pool, key, total_bytes)
 
     def exists(self, keys: list[str]) -> list[bool]:
         if not keys:
@@ -215,18 +220,22 @@ class RedisBackend(Backend):
 
     def close(self) -> None:
         self._client.close()
-        if self._raw_pool is not None:
-            self._raw_pool.disconnect()
+        for pool in (self._raw_pool, self._upload_pool):
+            if pool is not None:
+                pool.disconnect()
 
 
 class _StreamedSet(RecordWriter):
     """SET key value [EX ttl], the value sent piece by piece as the record's bytes come in order,
     the command finished only by commit (see the module's docstring)."""
 
-    def __init__(self, backend: RedisBackend, key: str, total_bytes: int) -> None:
+    def __init__(self, backend: RedisBackend, pool: redis.ConnectionPool, key: str,
+                 total_bytes: int) -> None:
         self._backend = backend
-        self._pool = backend._client.connection_pool
+        self._key = key
+        self._pool = pool
         self._connection = None
+        self._held: list[memoryview] | None = None  # pieces held instead: the pool was full
         ttl = backend.ttl_seconds
         key_bytes = key.encode()
         self._head = b"".join((
@@ -236,9 +245,16 @@ class _StreamedSet(RecordWriter):
                                 if ttl else b"")
 
     def write(self, data: memoryview) -> None:
+        if self._held is not None:
+            self._held.append(data)
+            return
         try:
             if self._connection is None:
-                self._connection = self._pool.get_connection()
+                try:
+                    self._connection = self._pool.get_connection()
+                except redis.exceptions.MaxConnectionsError:
+                    self._held = [data]
+                    return
                 self._connection.send_packed_command([self._head, data])  # health-checked
             else:  # mid-command: no health-check PING may go out now
                 self._connection.send_packed_command([data], check_health=False)
@@ -247,6 +263,10 @@ class _StreamedSet(RecordWriter):
             raise BackendUnavailable(f"redis at {self._backend.url}: {error}") from error
 
     def commit(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, []
+            self._backend.put_parts(self._key, held)
+            return
         if self._connection is None:
             raise ValueError("commit before any write")
         connection = self._connection
@@ -263,6 +283,7 @@ class _StreamedSet(RecordWriter):
         self._pool.release(connection)
 
     def abort(self) -> None:
+        self._held = None if self._held is None else []
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.disconnect()  # Redis drops the unfinished command with the connection
