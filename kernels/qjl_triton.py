@@ -279,6 +279,9 @@ def _quantize_keys_kernel(
 QUANTIZE_TILE_TOKENS = 64
 QUANTIZE_NUM_WARPS = 4
 QUANTIZE_PROGRAMS_PER_SM = 2
+# ptxas register cap of the quantize kernel (None: uncapped, which takes all 255 registers and
+# leaves room for 2 programs per multiprocessor)
+QUANTIZE_MAXNREG = None
 
 
 def _programs_per_device(device: torch.device, per_sm: int) -> int:
@@ -345,6 +348,8 @@ def quantize_keys(
         DOT_DTYPE=operand, NORM_DTYPE=triton_dtype(x.dtype),
         PRECISION="ieee" if wide else None, ASM=not triton_interpret_enabled(), HOIST=not wide,
         num_stages=1 if one_group else 2, num_warps=QUANTIZE_NUM_WARPS,
+        **({"maxnreg": QUANTIZE_MAXNREG}
+           if QUANTIZE_MAXNREG and not triton_interpret_enabled() else {}),
     )  # fmt: skip
     return fields
 

@@ -458,8 +458,12 @@ SWEEPS = {
                (256, 8, 2, 4), (256, 8, 3, 2), (256, 4, 3, 4)],
               1e-3),
     "quantize": (qjl_triton,
-                 ("QUANTIZE_TILE_TOKENS", "QUANTIZE_NUM_WARPS", "QUANTIZE_PROGRAMS_PER_SM"),
-                 [(64, 4, 2), (64, 4, 3), (128, 8, 1), (128, 4, 2), (128, 8, 2)],
+                 ("QUANTIZE_TILE_TOKENS", "QUANTIZE_NUM_WARPS", "QUANTIZE_PROGRAMS_PER_SM",
+                  "QUANTIZE_MAXNREG"),
+                 # 32-token tiles: no spills uncapped and 40 B capped at 168 registers, room
+                 # for 3 programs per SM (offline sm_90 compile; 64-token tiles spill 200 B)
+                 [(64, 4, 2, None), (64, 4, 3, None), (128, 8, 1, None), (32, 4, 2, None),
+                  (32, 4, 3, None), (32, 4, 3, 168), (32, 4, 4, 128)],
                  1e-3),
     "values": (values_triton, ("ATTEND_BLOCK_T", "ATTEND_NUM_WARPS"),
                [(b, w) for b in (32, 64, 128) for w in (4, 8)], 1e-2),
