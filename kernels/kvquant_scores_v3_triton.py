@@ -125,6 +125,27 @@ def _store_from_accumulator(acc, Out_ptr, stride_sb, stride_sh, stride_sq, batch
 
 
 @triton.jit
+def _prefetch_outlier_lines(Index_ptr, Delta_ptr, stride_ob, stride_oh, stride_ot, batch,
+                            first_head, tile_start, num_tokens, HEADS: tl.constexpr,
+                            BLOCK_T: tl.constexpr):
+    """Ask L2 for the tile's outlier index and delta lines (every 16th token of each head: <= 128
+    bytes apart for up to 4 slots) before the head loop, so the outlier pass after it finds them
+    there instead of waiting on DRAM (GPU only: `prefetch.global.L2` returns nothing; the dummy
+    result is not used)."""
+    heads = (first_head + tl.arange(0, HEADS))[:, None]
+    tokens = tl.minimum(tile_start + tl.arange(0, BLOCK_T // 16)[None, :] * 16, num_tokens - 1)
+    offsets = batch * stride_ob + heads * stride_oh + tokens * stride_ot
+    _prefetch_l2(Index_ptr + offsets)
+    _prefetch_l2(Delta_ptr + offsets)
+
+
+@triton.jit
+def _prefetch_l2(pointers):
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [pointers],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _head_code_words(code_rows, group4, live4):
     """Both key halves' code words of one KV head's tile."""
     low0, high0 = _half_code_words(code_rows, 0, group4, live4)
@@ -226,7 +247,7 @@ def _kvquant_key_scores_v3_kernel(
     CORRECTION_ROWS: tl.constexpr, OUTLIER_ROW_CHUNK: tl.constexpr, HEADS: tl.constexpr,
     PRMT: tl.constexpr,
     PREFETCH: tl.constexpr, DIRECT_STORE: tl.constexpr, OPERANDS_TOGETHER: tl.constexpr,
-    PIPELINE: tl.constexpr,
+    PIPELINE: tl.constexpr, OUTLIER_PREFETCH: tl.constexpr,
 ):
     """The v2 score kernel's math (see `_kvquant_key_scores_kernel`) for head_dim 128, 3-bit
     codes in int32 words and 16-bit queries, with the key operand built where the tensor cores
@@ -305,6 +326,9 @@ def _kvquant_key_scores_v3_kernel(
                                                     live4)
     if PREFETCH >= 2:
         rot0, rot1, zq = _head_query_operands(operand_tile + first_head * operand_head)
+    if OUTLIER_PREFETCH and NUM_SLOTS > 0:
+        _prefetch_outlier_lines(Index_ptr, Delta_ptr, stride_ob, stride_oh, stride_ot, batch,
+                                first_head, tile_start, num_tokens, HEADS, BLOCK_T)
     # PIPELINE > 1 (with PREFETCH 0): Triton's software pipeliner issues the loads of the
     # PIPELINE - 1 next heads (code words and query operands) as asynchronous copies into shared
     # memory, so they are in flight without holding registers; 1: a plain loop.
@@ -370,6 +394,8 @@ def _kvquant_key_scores_v3_kernel(
 V3_PREFETCH = 1
 # Software-pipeline stages of the head loop (1: none; > 1 needs prefetch 0, see the kernel)
 V3_PIPELINE = 1
+# Prefetch the tile's outlier index/delta lines into L2 before the head loop (GPU only)
+V3_OUTLIER_PREFETCH = False
 # Store the scores from the accumulator's register layout (inline PTX) instead of tl.store's
 # conversion through shared memory (see _store_from_accumulator)
 V3_DIRECT_STORE = True
@@ -388,7 +414,8 @@ def v3_fits(q: torch.Tensor, head_dim: int, bits: int, words: bool | None = None
 def key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq, attention_scaling, bits,
                    token_start, out, sink, block_t, num_warps, words, heads_per_program,
                    num_stages, maxnreg, prefetch=None, direct_store=None,
-                  operands_together=None, outlier_row_chunk=None, pipeline=None):
+                  operands_together=None, outlier_row_chunk=None, pipeline=None,
+                  outlier_prefetch=None):
     batch, num_kv_heads, num_tokens, _ = codes.shape
     head_dim = q.shape[-1]
     if not v3_fits(q, head_dim, bits, words):
@@ -438,6 +465,8 @@ def key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq, attention_
         DIRECT_STORE=not interpret and (V3_DIRECT_STORE if direct_store is None else direct_store),
         OPERANDS_TOGETHER=V3_OPERANDS_TOGETHER if operands_together is None else operands_together,
         PIPELINE=V3_PIPELINE if pipeline is None else pipeline,
+        OUTLIER_PREFETCH=not interpret and (
+            V3_OUTLIER_PREFETCH if outlier_prefetch is None else outlier_prefetch),
         num_warps=num_warps, num_stages=num_stages,
         **({} if interpret or not maxnreg else {"maxnreg": maxnreg}),
     )

@@ -55,6 +55,7 @@ V3_CHECKS = [
     dict(prefetch=0, direct_store=True, pipeline=3),
     dict(prefetch=0, direct_store=True, pipeline=4, heads_per_program=2),
     dict(block_t=128, num_warps=8, prefetch=0, direct_store=True, pipeline=3),
+    dict(prefetch=0, direct_store=True, pipeline=3, outlier_prefetch=True),
 ]
 # launch settings of the raw score kernel; the first is the launcher's default for 2 and 4 bits
 # (version 2, decode row tile), version 3 is its default for 3 bits (head_dim 128, 16-bit queries).
@@ -74,6 +75,9 @@ SCORE_VARIANTS = [
     dict(version=3, prefetch=0, direct_store=True, pipeline=4),
     dict(version=3, prefetch=0, direct_store=True, pipeline=3, heads_per_program=4),
     dict(version=3, block_t=128, num_warps=8, prefetch=0, direct_store=True, pipeline=3),
+    # + the tile's outlier index/delta lines asked from L2 before the head loop
+    dict(version=3, outlier_prefetch=True),
+    dict(version=3, prefetch=0, direct_store=True, pipeline=3, outlier_prefetch=True),
 ]
 
 
@@ -82,7 +86,8 @@ def variant_label(variant: dict) -> str:
              "heads_per_program": "heads", "words": "words", "prepared_queries": "prepared",
              "version": "v", "maxnreg": "maxnreg", "prefetch": "prefetch",
              "direct_store": "direct", "operands_together": "together",
-             "outlier_row_chunk": "outlier_rows", "pipeline": "pipeline"}
+             "outlier_row_chunk": "outlier_rows", "pipeline": "pipeline",
+             "outlier_prefetch": "outlier_prefetch"}
     return " ".join(f"{names[key]}{int(value) if isinstance(value, bool) else value}"
                     for key, value in variant.items())
 

@@ -96,13 +96,15 @@ def variants():
                             f"prefetch {prefetch} direct store {direct} operands together "
                             f"{together}", kq3._kvquant_key_scores_v3_kernel,
                             dict(v3, BLOCK_T=block_t, PREFETCH=prefetch, DIRECT_STORE=direct,
-                                 OPERANDS_TOGETHER=together, PIPELINE=1), warps, block_t, cap))
-        for stages in (2, 3):  # head loop software-pipelined by Triton (loads in the body)
+                                 OPERANDS_TOGETHER=together, PIPELINE=1,
+                                 OUTLIER_PREFETCH=False), warps, block_t, cap))
+        for stages, early in ((2, False), (3, False), (3, True)):  # head loop pipelined
             out.append((f"v3 register operand bt{block_t} w{warps} maxnreg {kq.V3_MAXNREG} "
-                        f"pipeline {stages} direct store 1", kq3._kvquant_key_scores_v3_kernel,
+                        f"pipeline {stages} direct store 1 outlier prefetch {int(early)}",
+                        kq3._kvquant_key_scores_v3_kernel,
                         dict(v3, BLOCK_T=block_t, PREFETCH=0, DIRECT_STORE=1,
-                             OPERANDS_TOGETHER=0, PIPELINE=stages), warps, block_t,
-                        kq.V3_MAXNREG))
+                             OPERANDS_TOGETHER=0, PIPELINE=stages, OUTLIER_PREFETCH=early),
+                        warps, block_t, kq.V3_MAXNREG))
     return out
 
 
