@@ -73,8 +73,6 @@ SCORE_VARIANTS = [
     dict(version=3, prefetch=0, direct_store=True, pipeline=2),
     dict(version=3, prefetch=0, direct_store=True, pipeline=3),
     dict(version=3, prefetch=0, direct_store=True, pipeline=4),
-    dict(version=3, prefetch=0, direct_store=True, pipeline=3, heads_per_program=4),
-    dict(version=3, block_t=128, num_warps=8, prefetch=0, direct_store=True, pipeline=3),
     # + the tile's outlier index/delta lines asked from L2 before the head loop
     dict(version=3, outlier_prefetch=True),
     dict(version=3, prefetch=0, direct_store=True, pipeline=3, outlier_prefetch=True),
