@@ -1,4 +1,5 @@
-"""`kvpack kvstore serve` as a user runs it: a real process, flags from the environment, clean errors."""
+"""`kvpack kvstore serve` as a user runs it: a real process, flags from the environment, clean
+errors."""
 
 import os
 import signal

@@ -1,4 +1,5 @@
-"""Malformed requests straight through the gRPC stub: right status, message names the field, nothing stored."""
+"""Malformed requests straight through the gRPC stub: right status, message names the field,
+nothing stored."""
 
 import grpc
 import pytest
@@ -34,7 +35,8 @@ GOOD_HASH = chain(1)[0]
 
 @pytest.mark.parametrize("request_, field", [
     (kvstore_pb2.MatchRequest(namespace="", block_hashes=[GOOD_HASH]), "namespace"),
-    (kvstore_pb2.MatchRequest(namespace="ns", block_hashes=[GOOD_HASH, b"short"]), "block_hashes[1]"),
+    (kvstore_pb2.MatchRequest(namespace="ns", block_hashes=[GOOD_HASH, b"short"]),
+     "block_hashes[1]"),
     (kvstore_pb2.MatchRequest(namespace="x" * 600, block_hashes=[]), "namespace"),
 ])
 def test_bad_match_names_the_field(stub, request_, field):
@@ -46,8 +48,11 @@ def test_bad_match_names_the_field(stub, request_, field):
 def test_bad_hash_length_names_the_field(stub, method):
     request_cls = {"Get": kvstore_pb2.GetRequest, "Delete": kvstore_pb2.DeleteRequest}[method]
     call = getattr(stub, method)
-    code, details = _status(lambda: list(call(request_cls(namespace="ns", block_hash=b"\0" * 31)))
-                            if method == "Get" else call(request_cls(namespace="ns", block_hash=b"")))
+    if method == "Get":
+        code, details = _status(
+            lambda: list(call(request_cls(namespace="ns", block_hash=b"\0" * 31))))
+    else:
+        code, details = _status(lambda: call(request_cls(namespace="ns", block_hash=b"")))
     assert code is grpc.StatusCode.INVALID_ARGUMENT and details.startswith("block_hash")
 
 
@@ -87,7 +92,8 @@ chunk_strategy = st.builds(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(chunks=st.lists(chunk_strategy, max_size=4))
 def test_fuzzed_put_streams_never_crash_or_store_garbage(stub, chunks):
     try:
@@ -102,7 +108,8 @@ def test_fuzzed_put_streams_never_crash_or_store_garbage(stub, chunks):
     assert _stored_blocks(stub) == 0
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(namespace=st.text(max_size=40), hashes=st.lists(st.binary(max_size=40), max_size=5))
 def test_fuzzed_match_requests(stub, namespace, hashes):
     request_ = kvstore_pb2.MatchRequest(namespace=namespace, block_hashes=hashes)

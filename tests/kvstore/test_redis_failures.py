@@ -25,7 +25,8 @@ def _corrupt_flip(value: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("whole_record_bytes", [WHOLE_RECORD_BYTES, 0], ids=["whole", "streamed"])
-@pytest.mark.parametrize("damage", [_corrupt_flip, lambda v: v[:-100], lambda v: v[:10], lambda v: b""])
+@pytest.mark.parametrize(
+    "damage", [_corrupt_flip, lambda v: v[:-100], lambda v: v[:10], lambda v: b""])
 def test_corruption_written_into_redis_is_a_counted_miss(redis_server, kvstore_factory, damage,
                                                          whole_record_bytes):
     server = kvstore_factory(backend=redis_server.url)
@@ -76,7 +77,8 @@ def test_ttl_expires_blocks_in_redis(redis_server, kvstore_factory):
     block_hash = chain(1)[0]
     with KVStoreClient(server.address) as client:
         client.put("ns", block_hash, random_record("ns", 100))
-        assert 0 < redis_server.client().ttl(block_key(namespace_fingerprint("ns"), block_hash)) <= 1
+        key = block_key(namespace_fingerprint("ns"), block_hash)
+        assert 0 < redis_server.client().ttl(key) <= 1
         wait_for(lambda: client.match("ns", [block_hash]) == 0, timeout_seconds=5)
 
 
