@@ -157,7 +157,8 @@ def _quantize_keys_kernel(
     outlier_signs_ptr,  # [num_groups * GROUP, NBO] uint8
     outlier_norm_ptr,  # [num_groups * GROUP]
     outlier_index_ptr,  # [num_groups, NOUT] uint8
-    scratch_ptr,  # [programs, TILE_GROUPS, D_PAD] float32 scratch rows
+    scratch_ptr,  # [programs, SEL_ROWS, D_PAD] float32 scratch rows
+    index_scratch_ptr,  # [programs, SEL_ROWS, NOUT_PAD] int32 (SEL_ROWS > TILE_GROUPS only)
     num_groups,
     groups_per_program,
     HEAD_DIM: tl.constexpr,
@@ -175,6 +176,7 @@ def _quantize_keys_kernel(
     PRECISION: tl.constexpr,
     ASM: tl.constexpr,
     HOIST: tl.constexpr,
+    SEL_ROWS: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = TILE_GROUPS * GROUP
     K_OUT: tl.constexpr = TILE_GROUPS * NOUT_PAD  # outlier operand: column g * NOUT_PAD + slot
@@ -192,7 +194,14 @@ def _quantize_keys_kernel(
     if HOIST:
         # the inlier sketch planes once (tensor-core operands: they stay in shared memory)
         planes = _load_planes(sketch_rows, NB_PAD, col_mask[:, None], DOT_DTYPE)
-    scratch = scratch_ptr + program * (TILE_GROUPS * D_PAD) + tile[:, None] * D_PAD + cols[None, :]
+    scratch = scratch_ptr + program * (SEL_ROWS * D_PAD) + tile[:, None] * D_PAD + cols[None, :]
+    # SEL_ROWS > TILE_GROUPS: the selection runs on SEL_ROWS (>= warps) scratch rows, a shape
+    # Triton lays out with each row (a group's channels) in one warp, so its max reductions stay
+    # inside the warp (shuffles only); with fewer rows than warps a row spans warps and every
+    # round waits on shared memory and barriers. The extra rows hold stale values, never used.
+    sel = tl.arange(0, SEL_ROWS)
+    sel_scratch = scratch_ptr + program * (SEL_ROWS * D_PAD) + sel[:, None] * D_PAD + cols[None, :]
+    index_rows = index_scratch_ptr + program * (SEL_ROWS * NOUT_PAD)
     first = program * groups_per_program
     last = tl.minimum(first + groups_per_program, num_groups)
     for group0 in range(first, last, TILE_GROUPS):
@@ -215,7 +224,10 @@ def _quantize_keys_kernel(
             # pipeline the loads but spilled registers: 2x slower on the H100).
             tl.store(scratch, energy)
             tl.debug_barrier()
-            energy = tl.load(scratch)
+            if SEL_ROWS > TILE_GROUPS:
+                energy = tl.load(sel_scratch)
+            else:
+                energy = tl.load(scratch)
             tl.debug_barrier()
             # Keys: the energy's bits (non-negative floats order like integers), then the lower
             # channel first on ties, as the reference's argmax; padding channels rank last.
@@ -223,19 +235,27 @@ def _quantize_keys_kernel(
                 D_PAD - 1 - cols[None, :]
             )
             key = tl.where(col_mask[None, :], key, -1)
-            index = tl.zeros((TILE_GROUPS, NOUT_PAD), dtype=tl.int32)
+            index = tl.zeros((SEL_ROWS, NOUT_PAD), dtype=tl.int32)
             for slot in tl.static_range(NOUT):
                 best = tl.max(key, axis=1)
                 channel = (D_PAD - 1 - (best & 0xFFFF)).to(tl.int32)
                 index = tl.where(slots[None, :] == slot, channel[:, None], index)
                 key = tl.where(key == best[:, None], -2, key)
+            chosen = key == -2
+            if SEL_ROWS > TILE_GROUPS:  # back to the tile's rows through the scratch rows
+                tl.store(sel_scratch, chosen.to(tl.float32))
+                tl.store(index_rows + sel[:, None] * NOUT_PAD + slots[None, :], index)
+                tl.debug_barrier()
+                chosen = tl.load(scratch) != 0.0
+                index = tl.load(index_rows + tile[:, None] * NOUT_PAD + slots[None, :])
+                tl.debug_barrier()
             tl.store(
                 outlier_index_ptr + groups[:, None] * NOUT + slots[None, :],
                 index.to(tl.uint8),
                 mask=gmask[:, None] & slot_mask[None, :],
             )
             token_is_outlier = tl.reshape(
-                tl.broadcast_to((key == -2)[:, None, :], (TILE_GROUPS, GROUP, D_PAD)),
+                tl.broadcast_to(chosen[:, None, :], (TILE_GROUPS, GROUP, D_PAD)),
                 (BLOCK_T, D_PAD),
             )
             x_in = tl.where(token_is_outlier, 0.0, x)
@@ -282,6 +302,9 @@ QUANTIZE_PROGRAMS_PER_SM = 2
 # ptxas register cap of the quantize kernel (None: uncapped, which takes all 255 registers and
 # leaves room for 2 programs per multiprocessor)
 QUANTIZE_MAXNREG = None
+# Run the outlier selection on max(groups per step, warps) rows so that each group's channels sit
+# in one warp (see the kernel); False: on the step's groups only (as measured so far)
+QUANTIZE_WARP_LOCAL_SELECTION = False
 
 
 def _programs_per_device(device: torch.device, per_sm: int) -> int:
@@ -335,11 +358,15 @@ def quantize_keys(
     groups_per_program = triton.cdiv(groups_per_program, tile_groups) * tile_groups
     programs = triton.cdiv(num_groups, groups_per_program)
     d_pad = next_power_of_2(head_dim)
-    scratch = torch.empty(programs, tile_groups, d_pad, dtype=torch.float32, device=device)
+    sel_rows = tile_groups
+    if QUANTIZE_WARP_LOCAL_SELECTION:
+        sel_rows = max(tile_groups, QUANTIZE_NUM_WARPS)
+    scratch = torch.empty(programs, sel_rows, d_pad, dtype=torch.float32, device=device)
+    index_scratch = torch.empty(programs, sel_rows, slots, dtype=torch.int32, device=device)
     _quantize_keys_kernel[(programs,)](
         x, sketch_planes, outlier_sketch_planes, signs, norm,
         fields.get("outlier_signs", signs), fields.get("outlier_norm", norm),
-        fields.get("outlier_index", signs), scratch,
+        fields.get("outlier_index", signs), scratch, index_scratch,
         num_groups, groups_per_program,
         HEAD_DIM=head_dim, D_PAD=d_pad,
         NB=sketch_dim // 8, NB_PAD=bytes_pad(sketch_dim // 8),
@@ -347,6 +374,7 @@ def quantize_keys(
         NOUT=num_outliers, NOUT_PAD=slots, GROUP=group_size, TILE_GROUPS=tile_groups,
         DOT_DTYPE=operand, NORM_DTYPE=triton_dtype(x.dtype),
         PRECISION="ieee" if wide else None, ASM=not triton_interpret_enabled(), HOIST=not wide,
+        SEL_ROWS=sel_rows,
         num_stages=1 if one_group else 2, num_warps=QUANTIZE_NUM_WARPS,
         **({"maxnreg": QUANTIZE_MAXNREG}
            if QUANTIZE_MAXNREG and not triton_interpret_enabled() else {}),

@@ -240,6 +240,24 @@ def test_quantize_tile_sizes_agree(monkeypatch, tile_tokens):
         torch.testing.assert_close(actual[name], expected[name], rtol=2e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("tile_tokens", [16, 32])
+def test_warp_local_selection_changes_nothing(monkeypatch, tile_tokens):
+    # The outlier selection on max(groups per step, warps) scratch rows (each group's channels in
+    # one warp) picks the same channels and packs the same bytes as on the step's groups alone.
+    monkeypatch.setattr(qjl_triton, "QUANTIZE_TILE_TOKENS", tile_tokens)
+    ref, tri = _codecs(32, sketch_dim=32, outlier_channels=3, outlier_sketch_dim=16, group_size=16)
+    k = torch.randn(2, 2, 80, 32)
+    k[1, 0, 16:32] = 0.0  # a zero group: ties everywhere, the lower channels win
+    expected = ref.key_format.pack(k, False)
+    outputs = []
+    for local in (False, True):
+        monkeypatch.setattr(qjl_triton, "QUANTIZE_WARP_LOCAL_SELECTION", local)
+        outputs.append(tri.key_format.pack(k, True))
+    for name in ("signs", "outlier_signs", "outlier_index", "norm", "outlier_norm"):
+        assert torch.equal(outputs[1][name], outputs[0][name]), name
+    assert torch.equal(outputs[1]["outlier_index"], expected["outlier_index"])
+
+
 def test_zero_keys_pack_zero_bits():
     # The reference's bits are `projection > 0`: a key that is zero (or zero outside its outlier
     # channels) has all-zero inlier bits, on both paths.
