@@ -15,15 +15,6 @@ from kvpack.proto import kvstore_pb2, kvstore_pb2_grpc
 from support.blocks import assert_damage_is_a_counted_miss, chain, random_record
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
-def any_store(request, kvstore_factory):
-    """A kvstore on each backend in turn, Redis Cluster included."""
-    if request.param == "memory":
-        return kvstore_factory(capacity_bytes=512 << 20)
-    fixture = "redis_cluster" if request.param == "cluster" else "redis_server"
-    return kvstore_factory(backend=request.getfixturevalue(fixture).url)
-
-
 @pytest.fixture
 def redis_store(redis_server, kvstore_factory):
     return kvstore_factory(backend=redis_server.url)

@@ -26,15 +26,6 @@ from support.processes import wait_for
 MiB = 1 << 20
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
-def any_store(request, kvstore_factory):
-    """A kvstore on each backend in turn, Redis Cluster included."""
-    if request.param == "memory":
-        return kvstore_factory(capacity_bytes=512 << 20)
-    fixture = "redis_cluster" if request.param == "cluster" else "redis_server"
-    return kvstore_factory(backend=request.getfixturevalue(fixture).url)
-
-
 @pytest.fixture
 def stub_of():
     channels = []
