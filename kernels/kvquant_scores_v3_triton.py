@@ -392,10 +392,13 @@ def _kvquant_key_scores_v3_kernel(
 # What the head loop loads one head ahead: 0 nothing, 1 the code words, 2 code words and query
 # operands (see the kernel; 2 spills at the 128-register cap: 0.162 ms at 128K on the H100)
 V3_PREFETCH = 1
-# Software-pipeline stages of the head loop (1: none; > 1 needs prefetch 0, see the kernel)
+# Software-pipeline stages of the head loop (1: none; > 1 needs prefetch 0, see the kernel). Run 8
+# on the H100: 2, 3 and 4 stages all slower than none (128K: 0.101 / 0.094 / 0.107 ms vs 0.090;
+# 512K: 0.373 / 0.344 / 0.395 vs 0.337): the async copies' barriers cost what the overlap saves.
 V3_PIPELINE = 1
-# Prefetch the tile's outlier index/delta lines into L2 before the head loop (GPU only)
-V3_OUTLIER_PREFETCH = False
+# Prefetch the tile's outlier index/delta lines into L2 before the head loop (GPU only). Run 8 on
+# the H100: 0.0893 vs 0.0904 ms at 128K, 0.3322 vs 0.3368 ms at 512K (1-1.5%, faster at both).
+V3_OUTLIER_PREFETCH = True
 # Store the scores from the accumulator's register layout (inline PTX) instead of tl.store's
 # conversion through shared memory (see _store_from_accumulator)
 V3_DIRECT_STORE = True

@@ -98,7 +98,7 @@ def start_kvstore(stack: ExitStack, *backend_args: str, pythonpath: str | None =
     process = subprocess.Popen(
         [sys.executable, "-m", "kvpack", "kvstore", "serve", "--listen", address,
          "--metrics-port", "0", *backend_args], stdout=subprocess.DEVNULL, env=env,
-        cwd=tempfile.gettempdir() if pythonpath else None)
+        cwd=tempfile.gettempdir())  # not the checkout: its ./kvpack would shadow the installed one
     stack.callback(process.wait)
     stack.callback(process.terminate)
     with KVStoreClient(address, timeout_seconds=1, retries=0) as client:

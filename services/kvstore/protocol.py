@@ -1,5 +1,7 @@
 """Transfer constants the kvstore service and its client share."""
 
+import os
+
 from kvpack.common.grpc_server import MAX_MESSAGE_BYTES
 
 # Chunks of the streaming Put/Get: just under gRPC's default 4 MiB receive limit, so clients with
@@ -17,28 +19,42 @@ WHOLE_RECORD_BYTES = 32 << 20
 # (within the spread of full runs); at 1 MiB and below one message was 15-20% faster
 # (bench/results/kvstore_get_ab_vm_cpu.json, bench/README.md).
 STREAMED_GET_BYTES = 2 << 20
+# How finely the client splits one record into parallel ranges depends on the cores it has: each
+# range costs the client and the service a few tenths of a ms of Python (~0.8 ms of CPU per ranged
+# Put call), which overlaps only where cores are free. A host with MANY_CORES or more (a GPU
+# server) splits a 4 MiB record in 4; a small machine keeps larger ranges. Measured with
+# bench_store.py (alternating rounds, medians):
+#   16-core H100 host, 20 rounds (bench/results/kvstore_throughput_h100_host_run4.json): 4 MiB
+#     Get 4 ranges 0.46x raw GET, 2 ranges 0.42x, one call 0.36x; Put 4 ranges 0.73x raw SET,
+#     2 ranges 0.57x, one call 0.46x; 16 MiB Get 4 ranges 1.00x, Put 4 ranges 0.95x.
+#   Shared 2-core VM, one core held by other work (client, service and Redis share the other),
+#     5 runs (kvstore_get_ranges_vm_cpu.json, kvstore_put_ranges_vm_cpu.json): 4 MiB Get 2 ranges
+#     592 MB/s, 4 ranges 597, 8 ranges 467, one call 604; 4 MiB Put in 2-4 ranges 10-25% slower
+#     than one call; 16 MiB Get and Put in 4 ranges ~1.5x one call.
+# Ranges are "at least" their size, so 768 KiB lets a 4 MiB block (4 MiB less its header) split in
+# 4 where 1 MiB would give 3.
+MANY_CORES = 8
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # a container's CPU set, not the host's count
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_MANY_CORES_HERE = _usable_cores() >= MANY_CORES
 # KVStoreClient.get fetches a record over STREAMED_GET_BYTES as byte ranges (GetWhole with
 # offset/length) in parallel, one connection each: at most DEFAULT_GET_RANGES ranges of at least
-# GET_RANGE_BYTES (a 4 MiB record: 2 ranges; 16 MiB: 4; 2-4 MiB: 1, on the calling thread). The
-# shared 2-core VM (one core held by other work: client, service and Redis share the other, so
-# little can overlap), medians of 5 bench_store.py runs (bench/results/
-# kvstore_get_ranges_vm_cpu.json): 16 MiB in 4 ranges 722 MB/s, 8 ranges 709, 2 ranges 480, one
-# call 485; 4 MiB in 2 ranges 592, 4 ranges 597, 8 ranges 467, one call 604, and 2 ranges ahead
-# of 4 in two earlier 5-run sets (582 vs 526, 615 vs 540). Each call costs the client and the
-# service a few tenths of a ms of Python, so small ranges lose where cores are scarce.
-GET_RANGE_BYTES = 2 << 20
+# GET_RANGE_BYTES (many cores: a 4 MiB record in 4 ranges; few: 2-4 MiB in 1 on the calling
+# thread, 4 MiB in 2, 16 MiB in 4).
+GET_RANGE_BYTES = (768 << 10) if _MANY_CORES_HERE else (2 << 20)
 DEFAULT_GET_RANGES = 4
 # KVStoreClient.put sends a record as byte ranges (PutWhole with PutChunk.upload_id), in parallel
 # over separate connections, when it splits into at least 2 ranges of at least PUT_RANGE_BYTES
-# (at most DEFAULT_PUT_RANGES of them): below 8 MiB one call, 8-16 MiB in 2-3, 16 MiB and up in 4.
-# The shared 2-core VM (one core held by other work), bench_store.py's alternating rounds,
-# medians of runs (bench/results/kvstore_put_ranges_vm_cpu.json, bench/README.md "Put: ranges"):
-# 16 MiB in 4 ranges ~1.5x one call's MB/s, but 4 MiB in 2, 3 or 4 ranges 10-25% slower than one
-# call (each call costs the client and the service ~0.8 ms of CPU, and there is no free core to
-# overlap them on). A host with free cores may gain at 4 MiB too (ranged Get did: 16-core host,
-# 4 ranges 0.45x raw GET vs one call 0.37x): `--put-ranges 2,4` times it; 2 MiB ranges would
-# split a 4 MiB record in 2.
-PUT_RANGE_BYTES = 4 << 20
+# (at most DEFAULT_PUT_RANGES of them). Many cores: from 1.5 MiB on, a 4 MiB record in 4; few
+# cores: below 8 MiB one call, 8-16 MiB in 2-3, 16 MiB and up in 4.
+PUT_RANGE_BYTES = (768 << 10) if _MANY_CORES_HERE else (4 << 20)
 DEFAULT_PUT_RANGES = 4
 # An upload id: random bytes the client picks per ranged put.
 UPLOAD_ID_BYTES = 16
