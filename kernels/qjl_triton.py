@@ -148,6 +148,50 @@ def _load_planes(rows_ptr, STRIDE: tl.constexpr, mask, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _select_by_rounds(energy, cols, slots, col_mask, D_PAD: tl.constexpr, NOUT: tl.constexpr,
+                      TILE_GROUPS: tl.constexpr, NOUT_PAD: tl.constexpr):
+    """Top NOUT channels of each row of `energy` [TILE_GROUPS, D_PAD] by NOUT rounds of a max
+    over integer keys (the energy's bits, then the channel): (chosen mask, index [.., NOUT_PAD]).
+    Each round's max crosses warps when a row's channels span them: shared memory and barriers."""
+    key = (energy.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (D_PAD - 1 - cols[None, :])
+    key = tl.where(col_mask[None, :], key, -1)
+    index = tl.zeros((TILE_GROUPS, NOUT_PAD), dtype=tl.int32)
+    for slot in tl.static_range(NOUT):
+        best = tl.max(key, axis=1)
+        channel = (D_PAD - 1 - (best & 0xFFFF)).to(tl.int32)
+        index = tl.where(slots[None, :] == slot, channel[:, None], index)
+        key = tl.where(key == best[:, None], -2, key)
+    return key == -2, index
+
+
+@triton.jit
+def _select_by_rank(energy, scratch_rows, index_rows, cols, slots, HEAD_DIM: tl.constexpr,
+                    D_PAD: tl.constexpr, NOUT: tl.constexpr, RANK_CHUNK: tl.constexpr):
+    """The same selection without rounds: each channel counts the channels that beat it (its
+    rank), comparing its energy with RANK_CHUNK others at a time read back from the scratch rows;
+    a channel of rank < NOUT is chosen and writes itself into slot `rank` of the index rows. One
+    sum per chunk along the compared axis (within a warp) and one barrier instead of NOUT
+    cross-warp max rounds."""
+    # Both sides loaded in the compare's own layout (no layout conversions through shared memory)
+    mine = tl.load(scratch_rows[:, :, None] + cols[None, :, None]).to(tl.int32, bitcast=True)
+    mine = tl.where(cols[None, :, None] < HEAD_DIM, mine, -1)
+    rank = tl.zeros((energy.shape[0], D_PAD), dtype=tl.int32)
+    for start in tl.static_range(0, D_PAD, RANK_CHUNK):
+        others = start + tl.arange(0, RANK_CHUNK)
+        theirs = tl.load(scratch_rows[:, :, None] + others[None, None, :]).to(tl.int32,
+                                                                              bitcast=True)
+        theirs = tl.where(others[None, None, :] < HEAD_DIM, theirs, -1)
+        beats = (theirs > mine) | ((theirs == mine) & (others[None, None, :] < cols[None, :, None]))
+        rank += tl.sum(beats.to(tl.int32), axis=2)
+    chosen = rank < NOUT
+    tl.store(index_rows + rank, tl.broadcast_to(cols[None, :], rank.shape), mask=chosen)
+    tl.debug_barrier()
+    index = tl.load(index_rows + slots[None, :])
+    index = tl.where(slots[None, :] < NOUT, index, 0)
+    return chosen, index
+
+
+@triton.jit
 def _quantize_keys_kernel(
     x_ptr,  # [num_groups * GROUP, HEAD_DIM] contiguous, input dtype
     sketch_ptr,  # [HEAD_DIM, 8, NB_PAD] plane-major inlier sketch (plane_major)
@@ -157,8 +201,8 @@ def _quantize_keys_kernel(
     outlier_signs_ptr,  # [num_groups * GROUP, NBO] uint8
     outlier_norm_ptr,  # [num_groups * GROUP]
     outlier_index_ptr,  # [num_groups, NOUT] uint8
-    scratch_ptr,  # [programs, SEL_ROWS, D_PAD] float32 scratch rows
-    index_scratch_ptr,  # [programs, SEL_ROWS, NOUT_PAD] int32 (SEL_ROWS > TILE_GROUPS only)
+    scratch_ptr,  # [programs, TILE_GROUPS, D_PAD] float32 scratch rows
+    index_scratch_ptr,  # [programs, TILE_GROUPS, NOUT_PAD] int32 (RANK_SELECTION only)
     num_groups,
     groups_per_program,
     HEAD_DIM: tl.constexpr,
@@ -176,7 +220,8 @@ def _quantize_keys_kernel(
     PRECISION: tl.constexpr,
     ASM: tl.constexpr,
     HOIST: tl.constexpr,
-    SEL_ROWS: tl.constexpr,
+    RANK_SELECTION: tl.constexpr,
+    RANK_CHUNK: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = TILE_GROUPS * GROUP
     K_OUT: tl.constexpr = TILE_GROUPS * NOUT_PAD  # outlier operand: column g * NOUT_PAD + slot
@@ -194,14 +239,9 @@ def _quantize_keys_kernel(
     if HOIST:
         # the inlier sketch planes once (tensor-core operands: they stay in shared memory)
         planes = _load_planes(sketch_rows, NB_PAD, col_mask[:, None], DOT_DTYPE)
-    scratch = scratch_ptr + program * (SEL_ROWS * D_PAD) + tile[:, None] * D_PAD + cols[None, :]
-    # SEL_ROWS > TILE_GROUPS: the selection runs on SEL_ROWS (>= warps) scratch rows, a shape
-    # Triton lays out with each row (a group's channels) in one warp, so its max reductions stay
-    # inside the warp (shuffles only); with fewer rows than warps a row spans warps and every
-    # round waits on shared memory and barriers. The extra rows hold stale values, never used.
-    sel = tl.arange(0, SEL_ROWS)
-    sel_scratch = scratch_ptr + program * (SEL_ROWS * D_PAD) + sel[:, None] * D_PAD + cols[None, :]
-    index_rows = index_scratch_ptr + program * (SEL_ROWS * NOUT_PAD)
+    scratch_rows = scratch_ptr + program * (TILE_GROUPS * D_PAD) + tile[:, None] * D_PAD
+    scratch = scratch_rows + cols[None, :]
+    index_rows = index_scratch_ptr + program * (TILE_GROUPS * NOUT_PAD) + tile[:, None] * NOUT_PAD
     first = program * groups_per_program
     last = tl.minimum(first + groups_per_program, num_groups)
     for group0 in range(first, last, TILE_GROUPS):
@@ -224,31 +264,17 @@ def _quantize_keys_kernel(
             # pipeline the loads but spilled registers: 2x slower on the H100).
             tl.store(scratch, energy)
             tl.debug_barrier()
-            if SEL_ROWS > TILE_GROUPS:
-                energy = tl.load(sel_scratch)
-            else:
-                energy = tl.load(scratch)
+            energy = tl.load(scratch)
             tl.debug_barrier()
-            # Keys: the energy's bits (non-negative floats order like integers), then the lower
-            # channel first on ties, as the reference's argmax; padding channels rank last.
-            key = (energy.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (
-                D_PAD - 1 - cols[None, :]
-            )
-            key = tl.where(col_mask[None, :], key, -1)
-            index = tl.zeros((SEL_ROWS, NOUT_PAD), dtype=tl.int32)
-            for slot in tl.static_range(NOUT):
-                best = tl.max(key, axis=1)
-                channel = (D_PAD - 1 - (best & 0xFFFF)).to(tl.int32)
-                index = tl.where(slots[None, :] == slot, channel[:, None], index)
-                key = tl.where(key == best[:, None], -2, key)
-            chosen = key == -2
-            if SEL_ROWS > TILE_GROUPS:  # back to the tile's rows through the scratch rows
-                tl.store(sel_scratch, chosen.to(tl.float32))
-                tl.store(index_rows + sel[:, None] * NOUT_PAD + slots[None, :], index)
-                tl.debug_barrier()
-                chosen = tl.load(scratch) != 0.0
-                index = tl.load(index_rows + tile[:, None] * NOUT_PAD + slots[None, :])
-                tl.debug_barrier()
+            # The order of the reference's repeated argmax: higher energy first (non-negative
+            # floats order like their bits), the lower channel first on ties; padding channels
+            # rank last.
+            if RANK_SELECTION:
+                chosen, index = _select_by_rank(energy, scratch_rows, index_rows, cols, slots,
+                                                HEAD_DIM, D_PAD, NOUT, RANK_CHUNK)
+            else:
+                chosen, index = _select_by_rounds(energy, cols, slots, col_mask, D_PAD, NOUT,
+                                                  TILE_GROUPS, NOUT_PAD)
             tl.store(
                 outlier_index_ptr + groups[:, None] * NOUT + slots[None, :],
                 index.to(tl.uint8),
@@ -302,9 +328,12 @@ QUANTIZE_PROGRAMS_PER_SM = 2
 # ptxas register cap of the quantize kernel (None: uncapped, which takes all 255 registers and
 # leaves room for 2 programs per multiprocessor)
 QUANTIZE_MAXNREG = None
-# Run the outlier selection on max(groups per step, warps) rows so that each group's channels sit
-# in one warp (see the kernel); False: on the step's groups only (as measured so far)
-QUANTIZE_WARP_LOCAL_SELECTION = False
+# Choose outlier channels by rank counts (_select_by_rank) instead of NOUT max rounds; channels
+# compared per chunk. (Tried and dropped: the rounds on max(groups, warps) scratch rows, each
+# group's channels in one warp: 30 instead of 56 barriers per step offline, but 8% slower on the
+# H100 for the round trips back to the tile's rows; bench/results/qjl_explore/README.md.)
+QUANTIZE_RANK_SELECTION = False
+QUANTIZE_RANK_CHUNK = 16
 
 
 def _programs_per_device(device: torch.device, per_sm: int) -> int:
@@ -358,11 +387,8 @@ def quantize_keys(
     groups_per_program = triton.cdiv(groups_per_program, tile_groups) * tile_groups
     programs = triton.cdiv(num_groups, groups_per_program)
     d_pad = next_power_of_2(head_dim)
-    sel_rows = tile_groups
-    if QUANTIZE_WARP_LOCAL_SELECTION:
-        sel_rows = max(tile_groups, QUANTIZE_NUM_WARPS)
-    scratch = torch.empty(programs, sel_rows, d_pad, dtype=torch.float32, device=device)
-    index_scratch = torch.empty(programs, sel_rows, slots, dtype=torch.int32, device=device)
+    scratch = torch.empty(programs, tile_groups, d_pad, dtype=torch.float32, device=device)
+    index_scratch = torch.empty(programs, tile_groups, slots, dtype=torch.int32, device=device)
     _quantize_keys_kernel[(programs,)](
         x, sketch_planes, outlier_sketch_planes, signs, norm,
         fields.get("outlier_signs", signs), fields.get("outlier_norm", norm),
@@ -374,7 +400,7 @@ def quantize_keys(
         NOUT=num_outliers, NOUT_PAD=slots, GROUP=group_size, TILE_GROUPS=tile_groups,
         DOT_DTYPE=operand, NORM_DTYPE=triton_dtype(x.dtype),
         PRECISION="ieee" if wide else None, ASM=not triton_interpret_enabled(), HOIST=not wide,
-        SEL_ROWS=sel_rows,
+        RANK_SELECTION=QUANTIZE_RANK_SELECTION, RANK_CHUNK=min(QUANTIZE_RANK_CHUNK, d_pad),
         num_stages=1 if one_group else 2, num_warps=QUANTIZE_NUM_WARPS,
         **({"maxnreg": QUANTIZE_MAXNREG}
            if QUANTIZE_MAXNREG and not triton_interpret_enabled() else {}),

@@ -240,22 +240,29 @@ def test_quantize_tile_sizes_agree(monkeypatch, tile_tokens):
         torch.testing.assert_close(actual[name], expected[name], rtol=2e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("head_dim, rank_chunk", [(32, 16), (48, 16), (32, 64)])
 @pytest.mark.parametrize("tile_tokens", [16, 32])
-def test_warp_local_selection_changes_nothing(monkeypatch, tile_tokens):
-    # The outlier selection on max(groups per step, warps) scratch rows (each group's channels in
-    # one warp) picks the same channels and packs the same bytes as on the step's groups alone.
+def test_rank_selection_changes_nothing(monkeypatch, tile_tokens, head_dim, rank_chunk):
+    # Choosing outlier channels by rank counts picks the same channels in the same slots, and
+    # packs the same bytes, as the max rounds and the reference: with ties (a zero group, equal
+    # energies in another), padding channels (head_dim 48 pads to 64) and one chunk or several.
     monkeypatch.setattr(qjl_triton, "QUANTIZE_TILE_TOKENS", tile_tokens)
-    ref, tri = _codecs(32, sketch_dim=32, outlier_channels=3, outlier_sketch_dim=16, group_size=16)
-    k = torch.randn(2, 2, 80, 32)
+    monkeypatch.setattr(qjl_triton, "QUANTIZE_RANK_CHUNK", rank_chunk)
+    ref, tri = _codecs(head_dim, sketch_dim=32, outlier_channels=3, outlier_sketch_dim=16,
+                       group_size=16)
+    k = torch.randn(2, 2, 80, head_dim)
     k[1, 0, 16:32] = 0.0  # a zero group: ties everywhere, the lower channels win
+    k[0, 1, 32:48, 5] = k[0, 1, 32:48, 9] = k[0, 1, 32:48, 20] = 30.0  # a tie among the top 3
+    k[0, 1, 32:48, 7] = 29.0
     expected = ref.key_format.pack(k, False)
     outputs = []
-    for local in (False, True):
-        monkeypatch.setattr(qjl_triton, "QUANTIZE_WARP_LOCAL_SELECTION", local)
+    for by_rank in (False, True):
+        monkeypatch.setattr(qjl_triton, "QUANTIZE_RANK_SELECTION", by_rank)
         outputs.append(tri.key_format.pack(k, True))
     for name in ("signs", "outlier_signs", "outlier_index", "norm", "outlier_norm"):
         assert torch.equal(outputs[1][name], outputs[0][name]), name
     assert torch.equal(outputs[1]["outlier_index"], expected["outlier_index"])
+    assert outputs[1]["outlier_index"][0, 1, 2].tolist() == [5, 9, 20]
 
 
 def test_zero_keys_pack_zero_bits():
