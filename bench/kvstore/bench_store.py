@@ -319,69 +319,46 @@ def markdown_table(result: dict) -> str:
             f"{r['get_many_vs_raw']:.2f}× | {r['service_redis_get_many_parallel_mb_s']:.0f} | "
             f"{r['get_many_parallel_vs_raw']:.2f}× | {r['service_memory_put_mb_s']:.0f} | "
             f"{r['service_memory_get_mb_s']:.0f} | {r['service_memory_get_many_mb_s']:.0f} |")
-    return "\n".join(lines) + get_table(result) + put_table(result)
+    return "\n".join(lines) + variants_table(result, "get") + variants_table(result, "put")
 
 
-def get_table(result: dict) -> str:
-    """Get's variants side by side (results of this script's versions with ranged gets)."""
-    rows = [r for r in result["rows"] if "service_redis_get_one_call_mb_s" in r]
+def variants_table(result: dict, op: str) -> str:
+    """Get's or Put's variants side by side (`op` "get" or "put"; results of this script's
+    versions with ranged gets / puts): the default, one call, exactly n ranges."""
+    rows = [r for r in result["rows"] if f"service_redis_{op}_one_call_mb_s" in r]
     if not rows:
         return ""
     counts = sorted({int(key.split("_")[3]) for r in rows for key in r
-                     if key.startswith("service_redis_get_") and key.endswith("_ranges_mb_s")})
-    default = result.get("get_ranges_default", "?")
+                     if key.startswith(f"service_redis_{op}_") and key.endswith("_ranges_mb_s")})
+    raw = "raw_redis_get" if op == "get" else "raw_redis_set"
+    raw_name = "raw GET" if op == "get" else "raw SET"
+    title = op.capitalize()
+    range_mib = result.get(f"{op}_range_bytes_default", 0) / (1 << 20)
+    default = (f"at most {result.get('get_ranges_default', '?')} ranges of at least "
+               f"{range_mib:g} MiB" if op == "get" else
+               f"records of at least 2 x {range_mib:g} MiB in at most "
+               f"{result.get('put_ranges_default', '?')} ranges")
+    over = (f" over {result.get('ranged_get_over_bytes', 0) >> 20} MiB" if op == "get" else "")
+    before = "a Get stream, as before ranges" if op == "get" else "as before ranged puts"
     lines = [
         "", "",
-        f"Get (redis) over {result.get('ranged_get_over_bytes', 0) >> 20} MiB: the default (at "
-        f"most {default} ranges of at least {result.get('get_range_bytes_default', 0) >> 20} MiB), "
-        "one call (a Get stream, as before ranges), exactly n ranges; MB/s and / raw GET.",
+        f"{title} (redis){over}: the default ({default}), one call ({before}), exactly n ranges; "
+        f"MB/s and / {raw_name}.",
         "",
-        "| block | raw GET | Get (default) | / raw | Get, one call | / raw |"
+        f"| block | {raw_name} | {title} (default) | / raw | {title}, one call | / raw |"
         + "".join(f" {n} ranges | / raw |" for n in counts)
-        + " Get, one call (memory) | Get (memory) |",
+        + f" {title}, one call (memory) | {title} (memory) |",
         "| --- |" + " ---: |" * (7 + 2 * len(counts)),
     ]
     for r in rows:
-        cells = [f"{r['raw_redis_get_mb_s']:.0f}", f"{r['service_redis_get_mb_s']:.0f}",
-                 f"{r['get_vs_raw']:.2f}×", f"{r['service_redis_get_one_call_mb_s']:.0f}",
-                 f"{r['get_one_call_vs_raw']:.2f}×"]
+        cells = [f"{r[f'{raw}_mb_s']:.0f}", f"{r[f'service_redis_{op}_mb_s']:.0f}",
+                 f"{r[f'{op}_vs_raw']:.2f}×", f"{r[f'service_redis_{op}_one_call_mb_s']:.0f}",
+                 f"{r[f'{op}_one_call_vs_raw']:.2f}×"]
         for n in counts:
-            cells += [_cell(r, f"service_redis_get_{n}_ranges_mb_s", ".0f"),
-                      _cell(r, f"get_{n}_ranges_vs_raw", ".2f", "×")]
-        cells += [f"{r['service_memory_get_one_call_mb_s']:.0f}",
-                  f"{r['service_memory_get_mb_s']:.0f}"]
-        lines.append(f"| {r['block']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def put_table(result: dict) -> str:
-    """Put's variants side by side (results of this script's versions with ranged puts)."""
-    rows = [r for r in result["rows"] if "service_redis_put_one_call_mb_s" in r]
-    if not rows:
-        return ""
-    counts = sorted({int(key.split("_")[3]) for r in rows for key in r
-                     if key.startswith("service_redis_put_") and key.endswith("_ranges_mb_s")})
-    lines = [
-        "", "",
-        f"Put (redis): the default (records of at least 2 x "
-        f"{result.get('put_range_bytes_default', 0) / (1 << 20):g} MiB in at most "
-        f"{result.get('put_ranges_default', '?')} ranges), one call (as before ranged puts), "
-        "exactly n ranges; MB/s and / raw SET.",
-        "",
-        "| block | raw SET | Put (default) | / raw | Put, one call | / raw |"
-        + "".join(f" {n} ranges | / raw |" for n in counts)
-        + " Put, one call (memory) | Put (memory) |",
-        "| --- |" + " ---: |" * (7 + 2 * len(counts)),
-    ]
-    for r in rows:
-        cells = [f"{r['raw_redis_set_mb_s']:.0f}", f"{r['service_redis_put_mb_s']:.0f}",
-                 f"{r['put_vs_raw']:.2f}×", f"{r['service_redis_put_one_call_mb_s']:.0f}",
-                 f"{r['put_one_call_vs_raw']:.2f}×"]
-        for n in counts:
-            cells += [_cell(r, f"service_redis_put_{n}_ranges_mb_s", ".0f"),
-                      _cell(r, f"put_{n}_ranges_vs_raw", ".2f", "×")]
-        cells += [f"{r['service_memory_put_one_call_mb_s']:.0f}",
-                  f"{r['service_memory_put_mb_s']:.0f}"]
+            cells += [_cell(r, f"service_redis_{op}_{n}_ranges_mb_s", ".0f"),
+                      _cell(r, f"{op}_{n}_ranges_vs_raw", ".2f", "×")]
+        cells += [f"{r[f'service_memory_{op}_one_call_mb_s']:.0f}",
+                  f"{r[f'service_memory_{op}_mb_s']:.0f}"]
         lines.append(f"| {r['block']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
