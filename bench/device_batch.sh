@@ -4,7 +4,8 @@
 # after `bash scripts/prepare-device.sh` here. Each benchmark has its own time limit, so one that
 # hangs cannot take the others' time; results land in $OUT as JSON plus a log each. Every script
 # runs from /tmp: the checkout's ./kvpack would shadow the kvpack installed from it.
-#   1. KVQuant run 9: version 3 with the outlier-line prefetch on by default, A/B against off
+#   1. KVQuant run 9: version 3 with the outlier-line prefetch on by default, A/B against off;
+#      2-bit codes through version 3 (correctness case 2 checks it on the GPU, then timed)
 #   2. QJL quantize: outlier channels chosen by rank counts instead of max rounds (sweep)
 #   3. kvstore on the host's 16 cores: the many-core range defaults vs one call and n ranges
 set -u
@@ -13,8 +14,8 @@ out=${OUT:?set by the device tool}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "$gpu, $(nproc) cores"
 (cd /tmp && timeout 180 python3 "$repo/bench/kernels/bench_kvquant.py" --tokens 131072,524288 \
-    --correctness-cases 1 --out "$out/kvquant_h100_run9.json" > "$out/kvquant.log" 2>&1)
-grep -E "bf16 q|KVQuant-3 score|ablation|Error" "$out/kvquant.log" | cut -c1-150
+    --correctness-cases 2 --out "$out/kvquant_h100_run9.json" > "$out/kvquant.log" 2>&1)
+grep -E "bf16 q|KVQuant-[23] score|ablation|Error" "$out/kvquant.log" | cut -c1-150
 (cd /tmp && timeout 150 python3 "$repo/bench/kernels/bench_kernels.py" --only-qjl \
     --skip-correctness --tokens 131072,524288 --out "$out/kernels_h100_qjl_run3.json" \
     > "$out/qjl.log" 2>&1)

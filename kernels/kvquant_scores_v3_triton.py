@@ -1,4 +1,4 @@
-"""KVQuant key scores, version 3, for head_dim 128, 3 bits and 16-bit queries (`v3_fits`): the
+"""KVQuant key scores, version 3, for head_dim 128, 2 or 3 bits and 16-bit queries (`v3_fits`): the
 key operand is built in registers in the tensor-core operand's own layout, the non-uniform codebook
 is read with byte permutes (PTX prmt; a plain-Triton fallback with the same values on the CPU
 interpreter), and there are no shared-memory layout conversions of the key operand. Same math and
@@ -93,12 +93,17 @@ def _join16(o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15
 
 
 @triton.jit
-def _half_code_words(code_rows, HALF: tl.constexpr, group4, live4):
+def _half_code_words(code_rows, HALF: tl.constexpr, group4, live4, BITS: tl.constexpr):
     """One key half's code words of one KV head's tile: the 2-bit plane word and the 1-bit plane
-    word of each (row, j) in the per-element domain (see the kernel)."""
+    word of each (row, j) in the per-element domain (see the kernel). 2-bit codes are the 2-bit
+    plane alone (kvquant_reference's layout), so their 1-bit plane words are zero: the lookup
+    then reads codebook entries 0-3 only."""
     HEAD_DIM: tl.constexpr = 128
     low = tl.load(code_rows + 4 * HALF + group4, mask=live4, other=0)
-    high = tl.load(code_rows + HEAD_DIM // 16 + 2 * HALF + group4 // 2, mask=live4, other=0)
+    if BITS == 3:
+        high = tl.load(code_rows + HEAD_DIM // 16 + 2 * HALF + group4 // 2, mask=live4, other=0)
+    else:
+        high = tl.zeros_like(low)
     return low, high
 
 
@@ -146,10 +151,10 @@ def _prefetch_l2(pointers):
 
 
 @triton.jit
-def _head_code_words(code_rows, group4, live4):
+def _head_code_words(code_rows, group4, live4, BITS: tl.constexpr):
     """Both key halves' code words of one KV head's tile."""
-    low0, high0 = _half_code_words(code_rows, 0, group4, live4)
-    low1, high1 = _half_code_words(code_rows, 1, group4, live4)
+    low0, high0 = _half_code_words(code_rows, 0, group4, live4, BITS)
+    low1, high1 = _half_code_words(code_rows, 1, group4, live4, BITS)
     return low0, high0, low1, high1
 
 
@@ -243,13 +248,13 @@ def _kvquant_key_scores_v3_kernel(
     Out_ptr, stride_sb, stride_sh, stride_sq,
     num_kv_heads, num_query_tokens, group_size, token_start, num_tokens, num_sink,
     num_m_blocks, attention_scaling,
-    NUM_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+    BITS: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     CORRECTION_ROWS: tl.constexpr, OUTLIER_ROW_CHUNK: tl.constexpr, HEADS: tl.constexpr,
     PRMT: tl.constexpr,
     PREFETCH: tl.constexpr, DIRECT_STORE: tl.constexpr, OPERANDS_TOGETHER: tl.constexpr,
     PIPELINE: tl.constexpr, OUTLIER_PREFETCH: tl.constexpr,
 ):
-    """The v2 score kernel's math (see `_kvquant_key_scores_kernel`) for head_dim 128, 3-bit
+    """The v2 score kernel's math (see `_kvquant_key_scores_kernel`) for head_dim 128, 2- or 3-bit
     codes in int32 words and 16-bit queries, with the key operand built where the tensor cores
     read it: every per-element tensor has the shape [BLOCK_T, 2 (key half), 4 (j), 2 (p), 2 (u0),
     2 (u1), 2 (u2)] (x 2 kinds cos/sin), which permutes and reshapes into the register layout of
@@ -304,9 +309,13 @@ def _kvquant_key_scores_v3_kernel(
                           (BLOCK_T, HEAD_DIM))
 
     lo0 = _lut_bytes(Lut_ptr, 0, 0)
-    lo1 = _lut_bytes(Lut_ptr, 4, 0)
     hi0 = _lut_bytes(Lut_ptr, 0, 1)
-    hi1 = _lut_bytes(Lut_ptr, 4, 1)
+    if BITS == 3:
+        lo1 = _lut_bytes(Lut_ptr, 4, 0)
+        hi1 = _lut_bytes(Lut_ptr, 4, 1)
+    else:  # a 4-entry codebook: table bytes 4-7 are never selected (codes < 4)
+        lo1 = lo0 * 0
+        hi1 = hi0 * 0
     spread = 0x4140 + 0x202 * (group4 % 2) + 0 * t4
     live4 = (tile_start + t4 < num_tokens)
 
@@ -323,7 +332,7 @@ def _kvquant_key_scores_v3_kernel(
     # warp at the start of each head; PREFETCH 2: its query operands (L2) as well.
     if PREFETCH >= 1:
         low0, high0, low1, high1 = _head_code_words(code_tile + first_head * stride_ch, group4,
-                                                    live4)
+                                                    live4, BITS)
     if PREFETCH >= 2:
         rot0, rot1, zq = _head_query_operands(operand_tile + first_head * operand_head)
     if OUTLIER_PREFETCH and NUM_SLOTS > 0:
@@ -338,7 +347,7 @@ def _kvquant_key_scores_v3_kernel(
         if PREFETCH >= 1:
             next_live = live4 & (i + 1 < HEADS)
             n_low0, n_high0, n_low1, n_high1 = _head_code_words(
-                code_tile + (kv_head + 1) * stride_ch, group4, next_live)
+                code_tile + (kv_head + 1) * stride_ch, group4, next_live, BITS)
         else:  # each half's words loaded just before its lookups (as few live as possible)
             code_rows = code_tile + kv_head * stride_ch
         if PREFETCH >= 2:
@@ -352,14 +361,14 @@ def _kvquant_key_scores_v3_kernel(
         if PREFETCH < 2 and not OPERANDS_TOGETHER:
             rot0 = tl.load(operand_rows)
         if PREFETCH == 0:
-            low0, high0 = _half_code_words(code_rows, 0, group4, live4)
+            low0, high0 = _half_code_words(code_rows, 0, group4, live4, BITS)
         acc = tl.dot(_rotated_operand(low0, high0, spread, lo0, lo1, hi0, hi1, Lut_ptr, cw_p,
                                       cw_u0, cw_u1, cw_u2, cos, sin, BLOCK_T, PRMT),
                      tl.trans(rot0), acc)
         if PREFETCH < 2 and not OPERANDS_TOGETHER:
             rot1 = tl.load(operand_rows + HEAD_DIM)
         if PREFETCH == 0:
-            low1, high1 = _half_code_words(code_rows, 1, group4, live4)
+            low1, high1 = _half_code_words(code_rows, 1, group4, live4, BITS)
         acc = tl.dot(_rotated_operand(low1, high1, spread, lo0, lo1, hi0, hi1, Lut_ptr, cw_p,
                                       cw_u0, cw_u1, cw_u2, cos, sin, BLOCK_T, PRMT),
                      tl.trans(rot1), acc)
@@ -406,11 +415,15 @@ V3_DIRECT_STORE = True
 # per head instead of one per dot; 12 KB of shared memory instead of 4): fewer barriers offline,
 # but slower on the H100 with the direct store (run 7: 0.0926 vs 0.0898 ms at 128K)
 V3_OPERANDS_TOGETHER = False
+# Bit widths `kvquant_triton.key_scores` sends to version 3 by default (where it fits). 2 bits
+# also fits (`v3_fits`) and matches the reference on the CPU interpreter; it joins the defaults
+# once a GPU run has checked its byte-permute path and timed it against version 2.
+V3_DEFAULT_BITS = (3,)
 
 
 def v3_fits(q: torch.Tensor, head_dim: int, bits: int, words: bool | None = None) -> bool:
     """Whether `kvquant_triton.key_scores(version=3)` handles this call."""
-    return (head_dim == 128 and bits == 3 and q.dtype in (torch.float16, torch.bfloat16)
+    return (head_dim == 128 and bits in (2, 3) and q.dtype in (torch.float16, torch.bfloat16)
             and words is not False)
 
 
@@ -422,8 +435,9 @@ def key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq, attention_
     batch, num_kv_heads, num_tokens, _ = codes.shape
     head_dim = q.shape[-1]
     if not v3_fits(q, head_dim, bits, words):
-        raise ValueError(f"version=3 needs head_dim 128, 3 bits, int32 words and 16-bit queries, "
-                         f"got head_dim {head_dim}, {bits} bits, words={words}, {q.dtype}")
+        raise ValueError(f"version=3 needs head_dim 128, 2 or 3 bits, int32 words and 16-bit "
+                         f"queries, got head_dim {head_dim}, {bits} bits, words={words}, "
+                         f"{q.dtype}")
     group_size = query_group(q.shape[1], num_kv_heads)
     q = q if q.stride(-1) == 1 else q.contiguous()
     num_query_tokens = q.shape[2]
@@ -461,7 +475,7 @@ def key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq, attention_
         out, out.stride(0), out.stride(1), out.stride(2),
         num_kv_heads, num_query_tokens, group_size, token_start, num_tokens, num_sink,
         num_m_blocks, float(attention_scaling),
-        NUM_SLOTS=index.shape[-1], BLOCK_T=block_t, BLOCK_M=block_m,
+        BITS=bits, NUM_SLOTS=index.shape[-1], BLOCK_T=block_t, BLOCK_M=block_m,
         CORRECTION_ROWS=min(block_m, triton.next_power_of_2(rows)), HEADS=heads,
         OUTLIER_ROW_CHUNK=outlier_row_chunk_for(rows, block_m, outlier_row_chunk),
         PRMT=not interpret, PREFETCH=V3_PREFETCH if prefetch is None else prefetch,

@@ -671,9 +671,10 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
     version, kept to time both).
     version: 2 the kernel above; 3 `kvquant_scores_v3_triton` (key operand built in the
     tensor-core operand's register layout with byte-permute lookups, no shared-memory layout
-    conversions), for head_dim 128, 3 bits, int32 words and 16-bit queries (`v3_fits`); None
-    (default) picks 3 where it fits a decode-sized row tile (<= 16 query rows per KV head: 0.090
-    vs 0.180 ms at 128K on the H100, bench/results/kvquant_h100_run7.json) and 2 elsewhere.
+    conversions), for head_dim 128, 2 or 3 bits, int32 words and 16-bit queries (`v3_fits`); None
+    (default) picks 3 for the bit widths in V3_DEFAULT_BITS where it fits a decode-sized row
+    tile (<= 16 query rows per KV head: 0.090 vs 0.180 ms at 128K on the H100,
+    bench/results/kvquant_h100_run7.json) and 2 elsewhere.
     maxnreg: ptxas register cap of the version-3 kernel (None: uncapped). Its head loop fits 128
     registers without spilling (offline sm_90 compile); uncapped, the rarely run sink and prologue
     code push it to 254, one 4-warp program per SM less than half as many as at 128.
@@ -690,7 +691,8 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
 
     if version is None:
         decode_rows = q.shape[1] // codes.shape[1] * q.shape[2] <= 16
-        version = 3 if decode_rows and v3.v3_fits(q, q.shape[-1], bits, words) else 2
+        version = 3 if (decode_rows and bits in v3.V3_DEFAULT_BITS
+                        and v3.v3_fits(q, q.shape[-1], bits, words)) else 2
     if version == 3:
         return v3.key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq,
                               attention_scaling, bits, token_start, out, sink, block_t,

@@ -195,7 +195,10 @@ def _rows_for_bits(codec, tokens, k, v, q, p, device, roofline_gbps, timed) -> l
         kvquant_triton.key_scores, q, used["codes"], used["outlier_index"], used["outlier_delta"],
         t["key_zero"], t["key_scale"], t["key_lut"], t["inv_freq"], 1.0, bits, token_start=1,
         out=out)
-    for variant in SCORE_VARIANTS if bits == 3 else SCORE_VARIANTS[:1]:
+    # other bit widths: the launcher's default and, where it fits, version 3 (2 bits: opt-in
+    # until timed, V3_DEFAULT_BITS)
+    others = [dict(version=3)] if kvquant_scores_v3_triton.v3_fits(q, q.shape[-1], bits) else []
+    for variant in SCORE_VARIANTS if bits == 3 else SCORE_VARIANTS[:1] + others:
         rows.append(timed(f"KVQuant-{bits} score kernel {variant_label(variant)}",
                           functools.partial(kernel, **variant),
                           key_bytes + scores_f32, roofline_gbps, bits=bits))

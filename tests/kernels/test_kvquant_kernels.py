@@ -173,23 +173,28 @@ def test_key_scores_prepared_queries_equal_in_kernel_queries(dtype, group, num_q
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("dtype", "group", "num_queries", "token_start", "num_sink"),
-                         [(torch.bfloat16, 4, 1, 1, 0), (torch.float16, 2, 3, 0, 0),
-                          (torch.bfloat16, 8, 1, 0, 3)])
-def test_key_scores_v3_matches_reference_and_v2(dtype, group, num_queries, token_start, num_sink):
+@pytest.mark.parametrize(("dtype", "group", "num_queries", "token_start", "num_sink", "bits"),
+                         [(torch.bfloat16, 4, 1, 1, 0, 3), (torch.float16, 2, 3, 0, 0, 3),
+                          (torch.bfloat16, 8, 1, 0, 3, 3), (torch.bfloat16, 4, 1, 1, 0, 2),
+                          (torch.float16, 8, 2, 0, 2, 2)])
+def test_key_scores_v3_matches_reference_and_v2(dtype, group, num_queries, token_start, num_sink,
+                                                bits):
     """version=3 (key operand in the dot's register layout; on the CPU the plain-Triton lookup
     instead of the byte-permute one) against the float32 reference, as tight as the default
-    kernel, and against the default kernel (same fp16 products, different summation order)."""
+    kernel, and against the default kernel (same fp16 products, different summation order).
+    2-bit codes: the 3-bit path with an empty 1-bit plane and a 4-entry codebook."""
     calibration = random_calibration(head_dim=128, num_kv_heads=2, outliers=0.02)
-    t, k, (codes, index, delta) = _packed_keys(calibration, 3, 2, 37, (group, num_queries, 128))
+    t, k, (codes, index, delta) = _packed_keys(calibration, bits, 2, 37,
+                                               (group, num_queries, 128, bits))
+    assert t["key_lut"].numel() == 1 << bits
     sink = k[:, :, :num_sink].half() if num_sink else None
     q = torch.randn(2, 2 * group, num_queries, 128).to(dtype)
-    expected = _reference_scores(t, q, codes, index, delta, 3, 128, 37, sink=sink)
+    expected = _reference_scores(t, q, codes, index, delta, bits, 128, 37, sink=sink)
     outs = []
     for version in (2, 3):
         out = torch.full((2, 2 * group, num_queries, 37), float("nan"))
         triton_kernels.key_scores(q, codes, index.to(torch.uint8), delta, t["key_zero"],
-                                  t["key_scale"], t["key_lut"], t["inv_freq"], 1.0, 3,
+                                  t["key_scale"], t["key_lut"], t["inv_freq"], 1.0, bits,
                                   token_start=token_start, out=out, sink=sink, version=version)
         assert out[..., :token_start].isnan().all()
         out = out[..., token_start:]
@@ -248,13 +253,14 @@ def test_outlier_pass_row_chunks_agree(version):
         torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
 
 
-def test_key_scores_v3_rejects_shapes_it_does_not_handle():
-    calibration = random_calibration(head_dim=64, num_kv_heads=2, outliers=0.02)
-    t, _, (codes, index, delta) = _packed_keys(calibration, 3, 1, 16, (64,))
-    q = torch.randn(1, 4, 1, 64).to(torch.bfloat16)
+@pytest.mark.parametrize(("head_dim", "bits"), [(64, 3), (128, 4)])
+def test_key_scores_v3_rejects_shapes_it_does_not_handle(head_dim, bits):
+    calibration = random_calibration(head_dim=head_dim, num_kv_heads=2, outliers=0.02)
+    t, _, (codes, index, delta) = _packed_keys(calibration, bits, 1, 16, (head_dim, bits))
+    q = torch.randn(1, 4, 1, head_dim).to(torch.bfloat16)
     with pytest.raises(ValueError, match="version=3"):
         triton_kernels.key_scores(q, codes, index.to(torch.uint8), delta, t["key_zero"],
-                                  t["key_scale"], t["key_lut"], t["inv_freq"], 1.0, 3,
+                                  t["key_scale"], t["key_lut"], t["inv_freq"], 1.0, bits,
                                   token_start=0, out=torch.empty(1, 4, 1, 16), version=3)
 
 
