@@ -159,12 +159,26 @@ def _head_code_words(code_rows, group4, live4, BITS: tl.constexpr):
 
 
 @triton.jit
-def _head_query_operands(operand_rows):
+def _head_query_operands(operand_rows, mask_m, MASK_ROWS: tl.constexpr):
     """One KV head's query-side operands [BLOCK_M, 128] x 3 (key half 0, key half 1, zero part)
     from `_kvquant_query_operands_v3_kernel`'s output rows."""
     HEAD_DIM: tl.constexpr = 128
-    return (tl.load(operand_rows), tl.load(operand_rows + HEAD_DIM),
-            tl.load(operand_rows + 2 * HEAD_DIM))
+    return (_query_operand(operand_rows, mask_m, MASK_ROWS),
+            _query_operand(operand_rows + HEAD_DIM, mask_m, MASK_ROWS),
+            _query_operand(operand_rows + 2 * HEAD_DIM, mask_m, MASK_ROWS))
+
+
+@triton.jit
+def _query_operand(pointers, mask_m, MASK_ROWS: tl.constexpr):
+    """One query-side operand [BLOCK_M, 128]. MASK_ROWS: only the tile's real query rows are
+    read; the padding rows (zeros in memory) come from `other`. A decode step of a GQA-4 model
+    has 4 real rows of the 16-row tile, so this reads a quarter of the bytes: each 64-token tile
+    otherwise reads 8 heads x 12 KB of operands from L2, four times its 24 KB of code words."""
+    if MASK_ROWS:
+        operand = tl.load(pointers, mask=mask_m[:, None], other=0.0)
+    else:
+        operand = tl.load(pointers)
+    return operand
 
 
 @triton.jit
@@ -252,7 +266,7 @@ def _kvquant_key_scores_v3_kernel(
     CORRECTION_ROWS: tl.constexpr, OUTLIER_ROW_CHUNK: tl.constexpr, HEADS: tl.constexpr,
     PRMT: tl.constexpr,
     PREFETCH: tl.constexpr, DIRECT_STORE: tl.constexpr, OPERANDS_TOGETHER: tl.constexpr,
-    PIPELINE: tl.constexpr, OUTLIER_PREFETCH: tl.constexpr,
+    PIPELINE: tl.constexpr, OUTLIER_PREFETCH: tl.constexpr, MASK_ROWS: tl.constexpr,
 ):
     """The v2 score kernel's math (see `_kvquant_key_scores_kernel`) for head_dim 128, 2- or 3-bit
     codes in int32 words and 16-bit queries, with the key operand built where the tensor cores
@@ -334,7 +348,8 @@ def _kvquant_key_scores_v3_kernel(
         low0, high0, low1, high1 = _head_code_words(code_tile + first_head * stride_ch, group4,
                                                     live4, BITS)
     if PREFETCH >= 2:
-        rot0, rot1, zq = _head_query_operands(operand_tile + first_head * operand_head)
+        rot0, rot1, zq = _head_query_operands(operand_tile + first_head * operand_head, mask_m,
+                                              MASK_ROWS)
     if OUTLIER_PREFETCH and NUM_SLOTS > 0:
         _prefetch_outlier_lines(Index_ptr, Delta_ptr, stride_ob, stride_oh, stride_ot, batch,
                                 first_head, tile_start, num_tokens, HEADS, BLOCK_T)
@@ -352,28 +367,29 @@ def _kvquant_key_scores_v3_kernel(
             code_rows = code_tile + kv_head * stride_ch
         if PREFETCH >= 2:
             n_rot0, n_rot1, n_zq = _head_query_operands(
-                operand_tile + (first_head + (i + 1) % HEADS) * operand_head)
+                operand_tile + (first_head + (i + 1) % HEADS) * operand_head, mask_m, MASK_ROWS)
         elif OPERANDS_TOGETHER:  # one shared-memory store round (and barrier pair) per head
-            rot0, rot1, zq = _head_query_operands(operand_tile + kv_head * operand_head)
+            rot0, rot1, zq = _head_query_operands(operand_tile + kv_head * operand_head, mask_m,
+                                                  MASK_ROWS)
         else:  # each operand loaded just before its dot: one live at a time
             operand_rows = operand_tile + kv_head * operand_head
         acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
         if PREFETCH < 2 and not OPERANDS_TOGETHER:
-            rot0 = tl.load(operand_rows)
+            rot0 = _query_operand(operand_rows, mask_m, MASK_ROWS)
         if PREFETCH == 0:
             low0, high0 = _half_code_words(code_rows, 0, group4, live4, BITS)
         acc = tl.dot(_rotated_operand(low0, high0, spread, lo0, lo1, hi0, hi1, Lut_ptr, cw_p,
                                       cw_u0, cw_u1, cw_u2, cos, sin, BLOCK_T, PRMT),
                      tl.trans(rot0), acc)
         if PREFETCH < 2 and not OPERANDS_TOGETHER:
-            rot1 = tl.load(operand_rows + HEAD_DIM)
+            rot1 = _query_operand(operand_rows + HEAD_DIM, mask_m, MASK_ROWS)
         if PREFETCH == 0:
             low1, high1 = _half_code_words(code_rows, 1, group4, live4, BITS)
         acc = tl.dot(_rotated_operand(low1, high1, spread, lo0, lo1, hi0, hi1, Lut_ptr, cw_p,
                                       cw_u0, cw_u1, cw_u2, cos, sin, BLOCK_T, PRMT),
                      tl.trans(rot1), acc)
         if PREFETCH < 2 and not OPERANDS_TOGETHER:
-            zq = tl.load(operand_rows + 2 * HEAD_DIM)
+            zq = _query_operand(operand_rows + 2 * HEAD_DIM, mask_m, MASK_ROWS)
         acc = tl.dot(zero_key, tl.trans(zq), acc)
 
         if DIRECT_STORE:
@@ -419,6 +435,8 @@ V3_OPERANDS_TOGETHER = False
 # also fits (`v3_fits`) and matches the reference on the CPU interpreter; it joins the defaults
 # once a GPU run has checked its byte-permute path and timed it against version 2.
 V3_DEFAULT_BITS = (3,)
+# Read only the real query rows of the query operands (see _query_operand); off until timed
+V3_MASK_ROWS = False
 
 
 def v3_fits(q: torch.Tensor, head_dim: int, bits: int, words: bool | None = None) -> bool:
@@ -431,7 +449,7 @@ def key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq, attention_
                    token_start, out, sink, block_t, num_warps, words, heads_per_program,
                    num_stages, maxnreg, prefetch=None, direct_store=None,
                   operands_together=None, outlier_row_chunk=None, pipeline=None,
-                  outlier_prefetch=None):
+                  outlier_prefetch=None, mask_rows=None):
     batch, num_kv_heads, num_tokens, _ = codes.shape
     head_dim = q.shape[-1]
     if not v3_fits(q, head_dim, bits, words):
@@ -484,6 +502,7 @@ def key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq, attention_
         PIPELINE=V3_PIPELINE if pipeline is None else pipeline,
         OUTLIER_PREFETCH=not interpret and (
             V3_OUTLIER_PREFETCH if outlier_prefetch is None else outlier_prefetch),
+        MASK_ROWS=V3_MASK_ROWS if mask_rows is None else mask_rows,
         num_warps=num_warps, num_stages=num_stages,
         **({} if interpret or not maxnreg else {"maxnreg": maxnreg}),
     )

@@ -659,7 +659,7 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
                heads_per_program=None, num_stages=None, prepared_queries=True, version=None,
                maxnreg=V3_MAXNREG, prefetch=None, direct_store=None,
                operands_together=None, outlier_row_chunk=None, pipeline=None,
-               outlier_prefetch=None):
+               outlier_prefetch=None, mask_rows=None):
     """Scores of post-RoPE q [B, H_q, T_q, D] against packed pre-RoPE keys (token t at RoPE
     position t), written into out[..., token_start:T] (out: float32 [B, H_q, T_q, T]).
     sink: the exact pre-RoPE keys [B, H_kv, s, D] of tokens [0, s), used instead of their codes.
@@ -685,6 +685,8 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
     pipeline: software-pipeline stages of the version-3 head loop (None: V3_PIPELINE).
     outlier_prefetch: version 3 asks L2 for the tile's outlier index/delta lines before its head
     loop (None: V3_OUTLIER_PREFETCH).
+    mask_rows: version 3 reads only the real query rows of its query operands (None:
+    V3_MASK_ROWS).
     outlier_row_chunk: query rows the sparse-outlier pass updates at once (`_add_outliers`;
     None: `outlier_row_chunk_for`'s default)."""
     from . import kvquant_scores_v3_triton as v3  # it imports this module's device helpers
@@ -698,7 +700,7 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
                               attention_scaling, bits, token_start, out, sink, block_t,
                               num_warps, words, heads_per_program, num_stages, maxnreg,
                               prefetch, direct_store, operands_together, outlier_row_chunk,
-                              pipeline, outlier_prefetch)
+                              pipeline, outlier_prefetch, mask_rows)
     if version != 2:
         raise ValueError(f"version must be 2 or 3, got {version}")
     batch, num_kv_heads, num_tokens, _ = codes.shape

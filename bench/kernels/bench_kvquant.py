@@ -56,6 +56,8 @@ V3_CHECKS = [
     dict(prefetch=0, direct_store=True, pipeline=4, heads_per_program=2),
     dict(block_t=128, num_warps=8, prefetch=0, direct_store=True, pipeline=3),
     dict(prefetch=0, direct_store=True, pipeline=3, outlier_prefetch=True),
+    dict(mask_rows=True),
+    dict(prefetch=2, direct_store=True, heads_per_program=2, mask_rows=True),
 ]
 # launch settings of the raw score kernel; the first is the launcher's default for 2 and 4 bits
 # (version 2, decode row tile), version 3 is its default for 3 bits (head_dim 128, 16-bit queries).
@@ -70,6 +72,9 @@ SCORE_VARIANTS = [
     # pipelined head loop (slower) are in their JSON and kvquant_h100_notes.md.
     dict(version=3),
     dict(version=3, outlier_prefetch=False),
+    # + only the real query rows of the query operands read (a quarter of their L2 bytes at GQA
+    # 4; offline sm_90: head loop 363 vs 341 SASS, 3 spill ld/st at the 128-register cap)
+    dict(version=3, mask_rows=True),
 ]
 
 
@@ -79,7 +84,7 @@ def variant_label(variant: dict) -> str:
              "version": "v", "maxnreg": "maxnreg", "prefetch": "prefetch",
              "direct_store": "direct", "operands_together": "together",
              "outlier_row_chunk": "outlier_rows", "pipeline": "pipeline",
-             "outlier_prefetch": "outlier_prefetch"}
+             "outlier_prefetch": "outlier_prefetch", "mask_rows": "mask_rows"}
     return " ".join(f"{names[key]}{int(value) if isinstance(value, bool) else value}"
                     for key, value in variant.items())
 

@@ -87,7 +87,7 @@ def variants():
             out.append((f"{name} bt{block_t} w{warps}", fn,
                         dict(base, BLOCK_T=block_t, PREPARED=prepared), warps, block_t, None))
     v3 = dict(BITS=BITS, NUM_SLOTS=NUM_SLOTS, BLOCK_M=16, CORRECTION_ROWS=GROUP, HEADS=8,
-              PRMT=True, OUTLIER_ROW_CHUNK=GROUP)
+              PRMT=True, OUTLIER_ROW_CHUNK=GROUP, MASK_ROWS=False)
     for block_t, warps in ((64, 4), (128, 8)):
         for cap in (kq.V3_MAXNREG, None):
             for prefetch, direct, together in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0),
@@ -105,6 +105,11 @@ def variants():
                         dict(v3, BLOCK_T=block_t, PREFETCH=0, DIRECT_STORE=1,
                              OPERANDS_TOGETHER=0, PIPELINE=stages, OUTLIER_PREFETCH=early),
                         warps, block_t, kq.V3_MAXNREG))
+    # the launcher's defaults reading only the real query rows of the query operands
+    out.append((f"v3 masked query rows bt64 w4 maxnreg {kq.V3_MAXNREG} prefetch 1 direct store "
+                "1 outlier prefetch 1", kq3._kvquant_key_scores_v3_kernel,
+                dict(v3, BLOCK_T=64, PREFETCH=1, DIRECT_STORE=1, OPERANDS_TOGETHER=0,
+                     PIPELINE=1, OUTLIER_PREFETCH=True, MASK_ROWS=True), 4, 64, kq.V3_MAXNREG))
     # 2-bit codes through version 3 with the launcher's defaults (its 1-bit plane loads vanish)
     out.append((f"v3 2-bit register operand bt64 w4 maxnreg {kq.V3_MAXNREG} prefetch 1 direct "
                 "store 1 outlier prefetch 1", kq3._kvquant_key_scores_v3_kernel,
