@@ -165,8 +165,9 @@ def _select_by_rounds(energy, cols, slots, col_mask, D_PAD: tl.constexpr, NOUT: 
 
 
 @triton.jit
-def _select_by_rank(energy, scratch_rows, index_rows, cols, slots, HEAD_DIM: tl.constexpr,
-                    D_PAD: tl.constexpr, NOUT: tl.constexpr, RANK_CHUNK: tl.constexpr):
+def _select_by_rank(scratch_rows, index_rows, cols, slots, HEAD_DIM: tl.constexpr,
+                    D_PAD: tl.constexpr, NOUT: tl.constexpr, TILE_GROUPS: tl.constexpr,
+                    RANK_CHUNK: tl.constexpr):
     """The same selection without rounds: each channel counts the channels that beat it (its
     rank), comparing its energy with RANK_CHUNK others at a time read back from the scratch rows;
     a channel of rank < NOUT is chosen and writes itself into slot `rank` of the index rows. One
@@ -175,7 +176,7 @@ def _select_by_rank(energy, scratch_rows, index_rows, cols, slots, HEAD_DIM: tl.
     # Both sides loaded in the compare's own layout (no layout conversions through shared memory)
     mine = tl.load(scratch_rows[:, :, None] + cols[None, :, None]).to(tl.int32, bitcast=True)
     mine = tl.where(cols[None, :, None] < HEAD_DIM, mine, -1)
-    rank = tl.zeros((energy.shape[0], D_PAD), dtype=tl.int32)
+    rank = tl.zeros((TILE_GROUPS, D_PAD), dtype=tl.int32)
     for start in tl.static_range(0, D_PAD, RANK_CHUNK):
         others = start + tl.arange(0, RANK_CHUNK)
         theirs = tl.load(scratch_rows[:, :, None] + others[None, None, :]).to(tl.int32,
@@ -264,15 +265,15 @@ def _quantize_keys_kernel(
             # pipeline the loads but spilled registers: 2x slower on the H100).
             tl.store(scratch, energy)
             tl.debug_barrier()
-            energy = tl.load(scratch)
-            tl.debug_barrier()
             # The order of the reference's repeated argmax: higher energy first (non-negative
             # floats order like their bits), the lower channel first on ties; padding channels
             # rank last.
-            if RANK_SELECTION:
-                chosen, index = _select_by_rank(energy, scratch_rows, index_rows, cols, slots,
-                                                HEAD_DIM, D_PAD, NOUT, RANK_CHUNK)
+            if RANK_SELECTION:  # reads the scratch rows in its own layouts
+                chosen, index = _select_by_rank(scratch_rows, index_rows, cols, slots, HEAD_DIM,
+                                                D_PAD, NOUT, TILE_GROUPS, RANK_CHUNK)
             else:
+                energy = tl.load(scratch)
+                tl.debug_barrier()
                 chosen, index = _select_by_rounds(energy, cols, slots, col_mask, D_PAD, NOUT,
                                                   TILE_GROUPS, NOUT_PAD)
             tl.store(
