@@ -13,14 +13,16 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:?set by the device tool}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "$gpu, $(nproc) cores"
+# Result names carry the card: a call may land on an H200 when no H100 starts.
+case "$gpu" in *H200*) card=h200 ;; *) card=h100 ;; esac
 (cd /tmp && timeout 240 python3 "$repo/bench/kernels/bench_kvquant.py" --tokens 131072,524288 \
-    --correctness-cases 2 --out "$out/kvquant_h100_run9.json" > "$out/kvquant.log" 2>&1)
+    --correctness-cases 2 --out "$out/kvquant_${card}_run9.json" > "$out/kvquant.log" 2>&1)
 grep -E "bf16 q|KVQuant-[23] score|ablation|Error" "$out/kvquant.log" | cut -c1-150
-(cd /tmp && timeout 150 python3 "$repo/bench/kernels/bench_kernels.py" --only-qjl \
-    --skip-correctness --tokens 131072,524288 --out "$out/kernels_h100_qjl_run3.json" \
+(cd /tmp && timeout 170 python3 "$repo/bench/kernels/bench_kernels.py" --only-qjl \
+    --skip-correctness --tokens 131072,524288 --out "$out/kernels_${card}_qjl_run3.json" \
     > "$out/qjl.log" 2>&1)
 grep -E "sweep quantize|QJL quantize|QJL score \(|Error" "$out/qjl.log" | cut -c1-260
 (cd /tmp && timeout 150 python3 "$repo/bench/kvstore/bench_store.py" --machine "$gpu host ($(nproc) cores)" \
     --repeats 20 --sizes 1MiB,4MiB,16MiB --put-ranges 2,4,8 --get-ranges 2,4,8 \
-    --out "$out/kvstore_throughput_h100_host_run5.json" > "$out/kvstore.log" 2>&1)
+    --out "$out/kvstore_throughput_${card}_host_run5.json" > "$out/kvstore.log" 2>&1)
 tail -16 "$out/kvstore.log" | cut -c1-400

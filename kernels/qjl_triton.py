@@ -193,6 +193,26 @@ def _select_by_rank(scratch_rows, index_rows, cols, slots, HEAD_DIM: tl.constexp
 
 
 @triton.jit
+def _gather_outliers(x, index, in_tile, kcols, cols, outlier_sketch_ptr, obyte_cols,
+                     GROUP: tl.constexpr, NOUT: tl.constexpr, NOUT_PAD: tl.constexpr,
+                     K_OUT: tl.constexpr, NBO_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """The tile's outlier values as a block-diagonal operand [BLOCK_T, K_OUT] (x[t, O_{g, s}] in
+    column g * NOUT_PAD + s for t's own group g, zero elsewhere, gathered by a dot with one-hot
+    columns: exact), their norms, and the outlier sketch rows of those channels as the planes,
+    so that one 2-D dot per plane projects every group on its own outlier sketch rows."""
+    kindex = tl.reshape(index, (K_OUT,))
+    kvalid = (kcols % NOUT_PAD) < NOUT
+    own = ((in_tile[:, None] // GROUP) == (kcols[None, :] // NOUT_PAD)) & kvalid[None, :]
+    one_hot = (cols[:, None] == kindex[None, :]).to(DOT_DTYPE)
+    gathered = tl.dot(x.to(DOT_DTYPE), one_hot, input_precision=PRECISION)
+    outliers = tl.where(own, gathered, 0.0)
+    outlier_norm = tl.sqrt(tl.sum(outliers * outliers, axis=1))
+    orows = outlier_sketch_ptr + kindex[:, None] * (8 * NBO_PAD) + obyte_cols[None, :]
+    return outliers, outlier_norm, _load_planes(orows, NBO_PAD, kvalid[:, None], DOT_DTYPE)
+
+
+@triton.jit
 def _quantize_keys_kernel(
     x_ptr,  # [num_groups * GROUP, HEAD_DIM] contiguous, input dtype
     sketch_ptr,  # [HEAD_DIM, 8, NB_PAD] plane-major inlier sketch (plane_major)
@@ -223,14 +243,19 @@ def _quantize_keys_kernel(
     HOIST: tl.constexpr,
     RANK_SELECTION: tl.constexpr,
     RANK_CHUNK: tl.constexpr,
+    DENSE_OUTLIERS: tl.constexpr,
+    NB_DOT: tl.constexpr,
+    NBO_DOT: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = TILE_GROUPS * GROUP
     K_OUT: tl.constexpr = TILE_GROUPS * NOUT_PAD  # outlier operand: column g * NOUT_PAD + slot
     program = tl.program_id(0)
     cols = tl.arange(0, D_PAD)
     col_mask = cols < HEAD_DIM
-    byte_cols = tl.arange(0, NB_PAD)
-    obyte_cols = tl.arange(0, NBO_PAD)
+    # dot widths NB_DOT <= NB_PAD (the planes' stride): the score kernel's padding to 32 bytes is
+    # for its int8 dots' K; here the bytes are a dot's N, for which 16 is enough
+    byte_cols = tl.arange(0, NB_DOT)
+    obyte_cols = tl.arange(0, NBO_DOT)
     slots = tl.arange(0, NOUT_PAD)
     slot_mask = slots < NOUT
     in_tile = tl.arange(0, BLOCK_T)
@@ -240,6 +265,11 @@ def _quantize_keys_kernel(
     if HOIST:
         # the inlier sketch planes once (tensor-core operands: they stay in shared memory)
         planes = _load_planes(sketch_rows, NB_PAD, col_mask[:, None], DOT_DTYPE)
+    if DENSE_OUTLIERS:
+        # the whole outlier sketch too: each token's outlier part is then one dense product of
+        # its key with the non-outlier channels zeroed (no gathered sketch rows per step)
+        outlier_rows = outlier_sketch_ptr + cols[:, None] * (8 * NBO_PAD) + obyte_cols[None, :]
+        dense_outlier_planes = _load_planes(outlier_rows, NBO_PAD, col_mask[:, None], DOT_DTYPE)
     scratch_rows = scratch_ptr + program * (TILE_GROUPS * D_PAD) + tile[:, None] * D_PAD
     scratch = scratch_rows + cols[None, :]
     index_rows = index_scratch_ptr + program * (TILE_GROUPS * NOUT_PAD) + tile[:, None] * NOUT_PAD
@@ -286,20 +316,16 @@ def _quantize_keys_kernel(
                 (BLOCK_T, D_PAD),
             )
             x_in = tl.where(token_is_outlier, 0.0, x)
-            # Block-diagonal outlier operand [BLOCK_T, K_OUT]: x[t, O_{g, s}] in column
-            # g * NOUT_PAD + s for t's own group g, zero elsewhere, gathered by a dot with one-hot
-            # columns (exact), so that one 2-D dot per plane projects every group on its own
-            # outlier sketch rows.
-            kindex = tl.reshape(index, (K_OUT,))
-            kvalid = (kcols % NOUT_PAD) < NOUT
-            own = ((in_tile[:, None] // GROUP) == (kcols[None, :] // NOUT_PAD)) & kvalid[None, :]
-            one_hot = (cols[:, None] == kindex[None, :]).to(DOT_DTYPE)
-            gathered = tl.dot(x.to(DOT_DTYPE), one_hot, input_precision=PRECISION)
-            outliers = tl.where(own, gathered, 0.0)
-            outlier_norm = tl.sqrt(tl.sum(outliers * outliers, axis=1))
+            if DENSE_OUTLIERS:
+                outliers = tl.where(token_is_outlier, x, 0.0)
+                outlier_norm = tl.sqrt(tl.sum(outliers.to(tl.float32) * outliers.to(tl.float32),
+                                              axis=1))
+                outlier_planes = dense_outlier_planes
+            else:
+                outliers, outlier_norm, outlier_planes = _gather_outliers(
+                    x, index, in_tile, kcols, cols, outlier_sketch_ptr, obyte_cols, GROUP,
+                    NOUT, NOUT_PAD, K_OUT, NBO_PAD, DOT_DTYPE, PRECISION)
             tl.store(outlier_norm_ptr + tokens, outlier_norm.to(NORM_DTYPE), mask=tmask)
-            orows = outlier_sketch_ptr + kindex[:, None] * (8 * NBO_PAD) + obyte_cols[None, :]
-            outlier_planes = _load_planes(orows, NBO_PAD, kvalid[:, None], DOT_DTYPE)
             outlier_bytes = _sign_bytes(
                 outliers.to(DOT_DTYPE), outlier_norm > 0, *outlier_planes, PRECISION, ASM
             )
@@ -335,6 +361,21 @@ QUANTIZE_MAXNREG = None
 # H100 for the round trips back to the tile's rows; bench/results/qjl_explore/README.md.)
 QUANTIZE_RANK_SELECTION = False
 QUANTIZE_RANK_CHUNK = 16
+# Outlier projections as dense dots of the keys with the other channels zeroed, against the whole
+# outlier sketch held for the kernel's life, instead of gathering each group's outlier values
+# (a one-hot dot) and its sketch rows (global loads staged per step) into a block-diagonal
+# operand. Same products (the zeroed channels add exact zeros), summed in another order.
+QUANTIZE_DENSE_OUTLIERS = False
+# The sign-byte dots' N at its minimum (16, or the bytes rounded up to a power of two) instead of
+# the planes' 32-byte padding: for m = 128 half the inlier dot work and operand bytes.
+QUANTIZE_NARROW_PLANES = False
+
+
+def _dot_bytes(num_bytes: int) -> int:
+    """N of a sign-byte dot for num_bytes bytes per token (see QUANTIZE_NARROW_PLANES)."""
+    if QUANTIZE_NARROW_PLANES:
+        return max(16, next_power_of_2(num_bytes))
+    return bytes_pad(num_bytes)
 
 
 def _programs_per_device(device: torch.device, per_sm: int) -> int:
@@ -402,6 +443,8 @@ def quantize_keys(
         DOT_DTYPE=operand, NORM_DTYPE=triton_dtype(x.dtype),
         PRECISION="ieee" if wide else None, ASM=not triton_interpret_enabled(), HOIST=not wide,
         RANK_SELECTION=QUANTIZE_RANK_SELECTION, RANK_CHUNK=min(QUANTIZE_RANK_CHUNK, d_pad),
+        DENSE_OUTLIERS=QUANTIZE_DENSE_OUTLIERS and num_outliers > 0,
+        NB_DOT=_dot_bytes(sketch_dim // 8), NBO_DOT=_dot_bytes(outlier_sketch_dim // 8),
         num_stages=1 if one_group else 2, num_warps=QUANTIZE_NUM_WARPS,
         **({"maxnreg": QUANTIZE_MAXNREG}
            if QUANTIZE_MAXNREG and not triton_interpret_enabled() else {}),

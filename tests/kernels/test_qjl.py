@@ -265,6 +265,33 @@ def test_rank_selection_changes_nothing(monkeypatch, tile_tokens, head_dim, rank
     assert outputs[1]["outlier_index"][0, 1, 2].tolist() == [5, 9, 20]
 
 
+@pytest.mark.parametrize("dense, narrow", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("sketch_dim, outlier_sketch_dim", [(32, 16), (136, 72)])
+def test_dense_outliers_and_narrow_planes_change_nothing(
+    monkeypatch, dense, narrow, sketch_dim, outlier_sketch_dim
+):
+    # Outlier projections as dense dots of the zeroed-out keys (QUANTIZE_DENSE_OUTLIERS), and
+    # sign-byte dots only as wide as the bytes (QUANTIZE_NARROW_PLANES; 136 bits = 17 bytes
+    # -> 32, 72 bits = 9 bytes -> 16), pack the bytes of the gathered path and the reference:
+    # the same products summed in another order; norms to rounding.
+    monkeypatch.setattr(qjl_triton, "QUANTIZE_TILE_TOKENS", 32)
+    ref, tri = _codecs(48, sketch_dim=sketch_dim, outlier_channels=3,
+                       outlier_sketch_dim=outlier_sketch_dim, group_size=16)
+    k = torch.randn(2, 2, 80, 48)
+    k[1, 0, 16:32] = 0.0  # a zero group
+    k[0, 1, 40, 3:] = 0.0  # a token that may be all outlier
+    expected = ref.key_format.pack(k, False)
+    baseline = tri.key_format.pack(k, True)
+    monkeypatch.setattr(qjl_triton, "QUANTIZE_DENSE_OUTLIERS", dense)
+    monkeypatch.setattr(qjl_triton, "QUANTIZE_NARROW_PLANES", narrow)
+    actual = tri.key_format.pack(k, True)
+    for name in ("signs", "outlier_signs", "outlier_index"):
+        assert torch.equal(actual[name], baseline[name]), name
+        assert torch.equal(actual[name], expected[name]), name
+    for name in ("norm", "outlier_norm"):
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=0)
+
+
 def test_zero_keys_pack_zero_bits():
     # The reference's bits are `projection > 0`: a key that is zero (or zero outside its outlier
     # channels) has all-zero inlier bits, on both paths.
