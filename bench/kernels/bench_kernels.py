@@ -472,6 +472,7 @@ SWEEPS = {
                   (64, 4, 2, None, False, 16, False, True),
                   (64, 4, 2, None, False, 16, True, True),
                   (64, 4, 1, None, False, 16, True, True),
+                  (64, 8, 1, None, False, 16, True, False),
                   (64, 4, 2, None, True, 16, False, False),
                   (64, 4, 2, None, True, 8, False, False),
                   (64, 4, 2, None, True, 16, True, True),
