@@ -53,7 +53,7 @@ INTS = dict(stride_qb=32 * HEAD_DIM, stride_qh=HEAD_DIM, stride_qt=HEAD_DIM,
             num_tokens=TOKENS, num_sink=0, num_m_blocks=1)
 
 
-def _source(fn, pointer_types: dict, constexprs: dict) -> ASTSource:
+def _source(fn, pointer_types: dict, constexprs: dict, ints: dict) -> ASTSource:
     signature, constants, attrs = {}, dict(constexprs), {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -63,12 +63,12 @@ def _source(fn, pointer_types: dict, constexprs: dict) -> ASTSource:
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "attention_scaling":
             signature[name] = "fp32"
-        elif INTS[name] == 1:
+        elif ints[name] == 1:
             signature[name] = "constexpr"
             constants[name] = 1
         else:
             signature[name] = "i32"
-            if INTS[name] % 16 == 0:
+            if ints[name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return ASTSource(fn, signature, constexprs=constants, attrs=attrs)
 
@@ -118,8 +118,11 @@ def variants():
     return out
 
 
-def compile_sass(fn, constexprs, num_warps, dump: Path | None, label: str, maxnreg=None):
-    src = _source(fn, POINTERS, constexprs)
+def compile_sass(fn, constexprs, num_warps, dump: Path | None, label: str, maxnreg=None,
+                 pointers: dict = POINTERS, ints: dict = INTS):
+    """Compile fn for sm_90 (pointer argument types and integer argument values as the
+    launcher passes them; the KVQuant score kernel's by default)."""
+    src = _source(fn, pointers, constexprs, ints)
     options = dict(num_warps=num_warps, num_stages=1)
     if maxnreg:
         options["maxnreg"] = maxnreg
