@@ -269,7 +269,8 @@ class KVStoreClient:
         VM whatever the server does, while calls on parallel connections overlap (their waits
         and gRPC core's receives run off the GIL; GetMany over 4 connections moves ~1x raw GET).
 
-        The server sends ranges unverified, so the joined record is verified here. Returns the
+        The server sends ranges unverified, so the record is verified here, range by range as
+        they arrive. Returns the
         record, None for a miss (no range found), or _MISMATCH when the caller must fetch the
         record whole instead: it failed verification (corrupt, or overwritten between the ranges),
         ranges disagree (another size, evicted midway) or the server ignores ranges."""
@@ -285,7 +286,23 @@ class KVStoreClient:
                 return error
 
         rest = [self._range_pool.submit(fetch, index) for index in range(1, len(offsets))]
-        chunks = [fetch(0), *(future.result() for future in rest)]  # none outlives this call
+        # Each range is checked and hashed as soon as it and every range before it are here,
+        # while later ones are still in flight: the checksum's pass over the record overlaps the
+        # transfer instead of following it (xxh3 runs off the GIL).
+        verifier = record.RecordVerifier(size, namespace)
+        chunks: list = []
+        consistent = True  # every range so far is found and where it belongs
+        for index, offset in enumerate(offsets):
+            chunk = fetch(0) if index == 0 else rest[index - 1].result()  # none outlives this call
+            chunks.append(chunk)
+            if consistent and not isinstance(chunk, StoreError):
+                if (not chunk.found or chunk.total_bytes != size or chunk.offset != offset
+                        or len(chunk.data) != min(step, size - offset)):
+                    consistent = False
+                    if chunk.found and not chunk.data:  # a server without ranges: too large
+                        self._ranges_served = False
+                else:
+                    verifier.update(chunk.data)
         errors = [chunk for chunk in chunks if isinstance(chunk, StoreError)]
         for error in errors:
             if not isinstance(error, InvalidRequest):
@@ -294,14 +311,13 @@ class KVStoreClient:
             return _MISMATCH
         if not any(chunk.found for chunk in chunks):
             return None
-        for offset, chunk in zip(offsets, chunks, strict=True):
-            if (not chunk.found or chunk.total_bytes != size or chunk.offset != offset
-                    or len(chunk.data) != min(step, size - offset)):
-                if chunk.found and not chunk.data:  # a server without ranges: too large, no data
-                    self._ranges_served = False
-                return _MISMATCH
-        record_bytes = b"".join(chunk.data for chunk in chunks)  # one copy, into the result
-        return _MISMATCH if _verified(record_bytes, namespace) is None else record_bytes
+        if not consistent:  # another size, evicted midway, or a server without ranges
+            return _MISMATCH
+        try:
+            verifier.finish()
+        except record.RecordError:
+            return _MISMATCH
+        return b"".join(chunk.data for chunk in chunks)  # one copy, into the result
 
     def _put_ranges_for(self, size: int) -> int:
         """How many ranges `put` sends a record of `size` bytes in (1: one call)."""
