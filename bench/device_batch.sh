@@ -4,11 +4,12 @@
 # after `bash scripts/prepare-device.sh` here. Each benchmark has its own time limit, so one that
 # hangs cannot take the others' time; results land in $OUT as JSON plus a log each. Every script
 # runs from /tmp: the checkout's ./kvpack would shadow the kvpack installed from it.
-# The kvstore part runs first: its Get target is the nearest to met.
-#   1. KVQuant run 9: version 3 with the outlier-line prefetch on by default, A/B against off;
-#      2-bit codes through version 3 (correctness case 2 checks it on the GPU, then timed)
-#   2. QJL quantize: outlier channels chosen by rank counts instead of max rounds (sweep)
-#   3. kvstore on the host's 16 cores: the many-core range defaults vs one call and n ranges
+#   1. kvstore on the host's 16 cores: the many-core range defaults vs one call and n ranges
+#      (first: its Get target is the nearest to met)
+#   2. KVQuant run 9: version 3 with the outlier-line prefetch on by default, A/B against off;
+#      2-bit codes through version 3 (correctness case 2 checks it on the GPU, then timed);
+#      masked query-operand rows
+#   3. QJL quantize sweep: outlier channels by rank counts, dense outlier dots, narrow planes
 set -u
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:?set by the device tool}
