@@ -159,16 +159,6 @@ def _head_code_words(code_rows, group4, live4, BITS: tl.constexpr):
 
 
 @triton.jit
-def _head_query_operands(operand_rows, mask_m, MASK_ROWS: tl.constexpr):
-    """One KV head's query-side operands [BLOCK_M, 128] x 3 (key half 0, key half 1, zero part)
-    from `_kvquant_query_operands_v3_kernel`'s output rows."""
-    HEAD_DIM: tl.constexpr = 128
-    return (_query_operand(operand_rows, mask_m, MASK_ROWS),
-            _query_operand(operand_rows + HEAD_DIM, mask_m, MASK_ROWS),
-            _query_operand(operand_rows + 2 * HEAD_DIM, mask_m, MASK_ROWS))
-
-
-@triton.jit
 def _query_operand(pointers, mask_m, MASK_ROWS: tl.constexpr):
     """One query-side operand [BLOCK_M, 128]. MASK_ROWS: only the tile's real query rows are
     read; the padding rows (zeros in memory) come from `other`. A decode step of a GQA-4 model
@@ -265,8 +255,8 @@ def _kvquant_key_scores_v3_kernel(
     BITS: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     CORRECTION_ROWS: tl.constexpr, OUTLIER_ROW_CHUNK: tl.constexpr, HEADS: tl.constexpr,
     PRMT: tl.constexpr,
-    PREFETCH: tl.constexpr, DIRECT_STORE: tl.constexpr, OPERANDS_TOGETHER: tl.constexpr,
-    PIPELINE: tl.constexpr, OUTLIER_PREFETCH: tl.constexpr, MASK_ROWS: tl.constexpr,
+    PREFETCH: tl.constexpr, DIRECT_STORE: tl.constexpr, OUTLIER_PREFETCH: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
 ):
     """The v2 score kernel's math (see `_kvquant_key_scores_kernel`) for head_dim 128, 2- or 3-bit
     codes in int32 words and 16-bit queries, with the key operand built where the tensor cores
@@ -341,55 +331,40 @@ def _kvquant_key_scores_v3_kernel(
     operand_tile = QOp_ptr + (batch * num_kv_heads * num_m_blocks + pid_m) * (
         BLOCK_M * 3 * HEAD_DIM) + (tl.arange(0, BLOCK_M) * (3 * HEAD_DIM))[:, None] + columns
     operand_head = num_m_blocks * BLOCK_M * 3 * HEAD_DIM  # operand_tile's stride per KV head
-    # PREFETCH >= 1: the next head's code words are loaded (into registers) before this head's
+    # PREFETCH 1: the next head's code words are loaded (into registers) before this head's
     # lookups and dots, so their DRAM latency overlaps a head's work instead of stalling every
-    # warp at the start of each head; PREFETCH 2: its query operands (L2) as well.
-    if PREFETCH >= 1:
+    # warp at the start of each head.
+    if PREFETCH:
         low0, high0, low1, high1 = _head_code_words(code_tile + first_head * stride_ch, group4,
                                                     live4, BITS)
-    if PREFETCH >= 2:
-        rot0, rot1, zq = _head_query_operands(operand_tile + first_head * operand_head, mask_m,
-                                              MASK_ROWS)
     if OUTLIER_PREFETCH and NUM_SLOTS > 0:
         _prefetch_outlier_lines(Index_ptr, Delta_ptr, stride_ob, stride_oh, stride_ot, batch,
                                 first_head, tile_start, num_tokens, HEADS, BLOCK_T)
-    # PIPELINE > 1 (with PREFETCH 0): Triton's software pipeliner issues the loads of the
-    # PIPELINE - 1 next heads (code words and query operands) as asynchronous copies into shared
-    # memory, so they are in flight without holding registers; 1: a plain loop.
-    for i in tl.range(0, HEADS, num_stages=PIPELINE):
+    for i in range(0, HEADS):
         kv_head = first_head + i
         query_head = kv_head * group_size + rows // num_query_tokens
-        if PREFETCH >= 1:
+        if PREFETCH:
             next_live = live4 & (i + 1 < HEADS)
             n_low0, n_high0, n_low1, n_high1 = _head_code_words(
                 code_tile + (kv_head + 1) * stride_ch, group4, next_live, BITS)
         else:  # each half's words loaded just before its lookups (as few live as possible)
             code_rows = code_tile + kv_head * stride_ch
-        if PREFETCH >= 2:
-            n_rot0, n_rot1, n_zq = _head_query_operands(
-                operand_tile + (first_head + (i + 1) % HEADS) * operand_head, mask_m, MASK_ROWS)
-        elif OPERANDS_TOGETHER:  # one shared-memory store round (and barrier pair) per head
-            rot0, rot1, zq = _head_query_operands(operand_tile + kv_head * operand_head, mask_m,
-                                                  MASK_ROWS)
-        else:  # each operand loaded just before its dot: one live at a time
-            operand_rows = operand_tile + kv_head * operand_head
+        # each query operand loaded just before its dot: one live at a time
+        operand_rows = operand_tile + kv_head * operand_head
         acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
-        if PREFETCH < 2 and not OPERANDS_TOGETHER:
-            rot0 = _query_operand(operand_rows, mask_m, MASK_ROWS)
-        if PREFETCH == 0:
+        rot0 = _query_operand(operand_rows, mask_m, MASK_ROWS)
+        if not PREFETCH:
             low0, high0 = _half_code_words(code_rows, 0, group4, live4, BITS)
         acc = tl.dot(_rotated_operand(low0, high0, spread, lo0, lo1, hi0, hi1, Lut_ptr, cw_p,
                                       cw_u0, cw_u1, cw_u2, cos, sin, BLOCK_T, PRMT),
                      tl.trans(rot0), acc)
-        if PREFETCH < 2 and not OPERANDS_TOGETHER:
-            rot1 = _query_operand(operand_rows + HEAD_DIM, mask_m, MASK_ROWS)
-        if PREFETCH == 0:
+        rot1 = _query_operand(operand_rows + HEAD_DIM, mask_m, MASK_ROWS)
+        if not PREFETCH:
             low1, high1 = _half_code_words(code_rows, 1, group4, live4, BITS)
         acc = tl.dot(_rotated_operand(low1, high1, spread, lo0, lo1, hi0, hi1, Lut_ptr, cw_p,
                                       cw_u0, cw_u1, cw_u2, cos, sin, BLOCK_T, PRMT),
                      tl.trans(rot1), acc)
-        if PREFETCH < 2 and not OPERANDS_TOGETHER:
-            zq = _query_operand(operand_rows + 2 * HEAD_DIM, mask_m, MASK_ROWS)
+        zq = _query_operand(operand_rows + 2 * HEAD_DIM, mask_m, MASK_ROWS)
         acc = tl.dot(zero_key, tl.trans(zq), acc)
 
         if DIRECT_STORE:
@@ -399,10 +374,8 @@ def _kvquant_key_scores_v3_kernel(
         else:
             _store_dense_scores(acc, Out_ptr, stride_sb, stride_sh, stride_sq, batch, query_head,
                                 rows, mask_m, num_query_tokens, tokens, mask_t, num_sink)
-        if PREFETCH >= 1:
+        if PREFETCH:
             low0, high0, low1, high1 = n_low0, n_high0, n_low1, n_high1
-        if PREFETCH >= 2:
-            rot0, rot1, zq = n_rot0, n_rot1, n_zq
 
     _finish_tile(Q_ptr, stride_qb, stride_qh, stride_qt, Index_ptr, Delta_ptr, stride_ob,
                  stride_oh, stride_ot, Sink_ptr, stride_kb, stride_kh, stride_kt, InvFreq_ptr,
@@ -414,23 +387,19 @@ def _kvquant_key_scores_v3_kernel(
 
 
 
-# What the head loop loads one head ahead: 0 nothing, 1 the code words, 2 code words and query
-# operands (see the kernel; 2 spills at the 128-register cap: 0.162 ms at 128K on the H100)
+# Load the next head's code words one head ahead (1) or each half's just before its lookups (0).
+# Measured and removed (bench/results/kvquant_h100_notes.md): the query operands one head ahead
+# as well (spills at the 128-register cap: 0.162 ms at 128K on the H100, run 7), a head's three
+# query operands in one shared-memory round (0.0926 vs 0.0898 ms, run 7) and the head loop
+# software-pipelined by Triton in 2 / 3 / 4 stages (run 8: 0.101 / 0.094 / 0.107 ms vs 0.090 at
+# 128K; the async copies' barriers cost what the overlap saves).
 V3_PREFETCH = 1
-# Software-pipeline stages of the head loop (1: none; > 1 needs prefetch 0, see the kernel). Run 8
-# on the H100: 2, 3 and 4 stages all slower than none (128K: 0.101 / 0.094 / 0.107 ms vs 0.090;
-# 512K: 0.373 / 0.344 / 0.395 vs 0.337): the async copies' barriers cost what the overlap saves.
-V3_PIPELINE = 1
 # Prefetch the tile's outlier index/delta lines into L2 before the head loop (GPU only). Run 8 on
 # the H100: 0.0893 vs 0.0904 ms at 128K, 0.3322 vs 0.3368 ms at 512K (1-1.5%, faster at both).
 V3_OUTLIER_PREFETCH = True
 # Store the scores from the accumulator's register layout (inline PTX) instead of tl.store's
 # conversion through shared memory (see _store_from_accumulator)
 V3_DIRECT_STORE = True
-# Load a head's three query operands together (one shared-memory store round and barrier pair
-# per head instead of one per dot; 12 KB of shared memory instead of 4): fewer barriers offline,
-# but slower on the H100 with the direct store (run 7: 0.0926 vs 0.0898 ms at 128K)
-V3_OPERANDS_TOGETHER = False
 # Bit widths `kvquant_triton.key_scores` sends to version 3 by default (where it fits). 2 bits
 # also fits (`v3_fits`) and matches the reference on the CPU interpreter; it joins the defaults
 # once a GPU run has checked its byte-permute path and timed it against version 2.
@@ -448,10 +417,12 @@ def v3_fits(q: torch.Tensor, head_dim: int, bits: int, words: bool | None = None
 def key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq, attention_scaling, bits,
                    token_start, out, sink, block_t, num_warps, words, heads_per_program,
                    num_stages, maxnreg, prefetch=None, direct_store=None,
-                  operands_together=None, outlier_row_chunk=None, pipeline=None,
-                  outlier_prefetch=None, mask_rows=None):
+                  outlier_row_chunk=None, outlier_prefetch=None, mask_rows=None):
     batch, num_kv_heads, num_tokens, _ = codes.shape
     head_dim = q.shape[-1]
+    prefetch = V3_PREFETCH if prefetch is None else prefetch
+    if prefetch not in (0, 1):
+        raise ValueError(f"prefetch must be 0 or 1, got {prefetch}")
     if not v3_fits(q, head_dim, bits, words):
         raise ValueError(f"version=3 needs head_dim 128, 2 or 3 bits, int32 words and 16-bit "
                          f"queries, got head_dim {head_dim}, {bits} bits, words={words}, "
@@ -496,10 +467,8 @@ def key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq, attention_
         BITS=bits, NUM_SLOTS=index.shape[-1], BLOCK_T=block_t, BLOCK_M=block_m,
         CORRECTION_ROWS=min(block_m, triton.next_power_of_2(rows)), HEADS=heads,
         OUTLIER_ROW_CHUNK=outlier_row_chunk_for(rows, block_m, outlier_row_chunk),
-        PRMT=not interpret, PREFETCH=V3_PREFETCH if prefetch is None else prefetch,
+        PRMT=not interpret, PREFETCH=prefetch,
         DIRECT_STORE=not interpret and (V3_DIRECT_STORE if direct_store is None else direct_store),
-        OPERANDS_TOGETHER=V3_OPERANDS_TOGETHER if operands_together is None else operands_together,
-        PIPELINE=V3_PIPELINE if pipeline is None else pipeline,
         OUTLIER_PREFETCH=not interpret and (
             V3_OUTLIER_PREFETCH if outlier_prefetch is None else outlier_prefetch),
         MASK_ROWS=V3_MASK_ROWS if mask_rows is None else mask_rows,

@@ -657,8 +657,7 @@ def _heads_per_program(num_kv_heads: int, programs_per_head: int, want: int | No
 def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_scaling,
                bits, token_start, out, sink=None, block_t=None, num_warps=None, words=None,
                heads_per_program=None, num_stages=None, prepared_queries=True, version=None,
-               maxnreg=V3_MAXNREG, prefetch=None, direct_store=None,
-               operands_together=None, outlier_row_chunk=None, pipeline=None,
+               maxnreg=V3_MAXNREG, prefetch=None, direct_store=None, outlier_row_chunk=None,
                outlier_prefetch=None, mask_rows=None):
     """Scores of post-RoPE q [B, H_q, T_q, D] against packed pre-RoPE keys (token t at RoPE
     position t), written into out[..., token_start:T] (out: float32 [B, H_q, T_q, T]).
@@ -678,11 +677,9 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
     maxnreg: ptxas register cap of the version-3 kernel (None: uncapped). Its head loop fits 128
     registers without spilling (offline sm_90 compile); uncapped, the rarely run sink and prologue
     code push it to 254, one 4-warp program per SM less than half as many as at 128.
-    prefetch, direct_store, operands_together: what the version-3 head loop loads one KV head
-    ahead, whether it stores scores from the accumulator's registers, whether it loads a head's
-    query operands together (None: `kvquant_scores_v3_triton`'s V3_PREFETCH / V3_DIRECT_STORE /
-    V3_OPERANDS_TOGETHER).
-    pipeline: software-pipeline stages of the version-3 head loop (None: V3_PIPELINE).
+    prefetch, direct_store: whether the version-3 head loop loads the next KV head's code words
+    one head ahead (0 or 1) and stores scores from the accumulator's registers (None:
+    `kvquant_scores_v3_triton`'s V3_PREFETCH / V3_DIRECT_STORE).
     outlier_prefetch: version 3 asks L2 for the tile's outlier index/delta lines before its head
     loop (None: V3_OUTLIER_PREFETCH).
     mask_rows: version 3 reads only the real query rows of its query operands (None:
@@ -699,8 +696,8 @@ def key_scores(q, codes, index, delta, zero, scale, lut, inv_freq, attention_sca
         return v3.key_scores_v3(q, codes, index, delta, zero, scale, lut, inv_freq,
                               attention_scaling, bits, token_start, out, sink, block_t,
                               num_warps, words, heads_per_program, num_stages, maxnreg,
-                              prefetch, direct_store, operands_together, outlier_row_chunk,
-                              pipeline, outlier_prefetch, mask_rows)
+                              prefetch, direct_store, outlier_row_chunk, outlier_prefetch,
+                              mask_rows)
     if version != 2:
         raise ValueError(f"version must be 2 or 3, got {version}")
     batch, num_kv_heads, num_tokens, _ = codes.shape

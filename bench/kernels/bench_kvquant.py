@@ -44,20 +44,14 @@ CORRECTNESS_CASES = [
 # version-3 launch settings checked against the reference (each: every score written, rel. err.)
 V3_CHECKS = [
     dict(),
-    dict(prefetch=0, direct_store=False, operands_together=False),
-    dict(prefetch=1, direct_store=True, operands_together=False),
-    dict(prefetch=1, direct_store=True, operands_together=True),
+    dict(prefetch=0, direct_store=False),
+    dict(prefetch=1, direct_store=True),
     dict(prefetch=0, direct_store=True, heads_per_program=2),
-    dict(prefetch=2, direct_store=True, heads_per_program=2),
     dict(block_t=128, num_warps=8, direct_store=True),
     dict(block_t=128, num_warps=8, direct_store=True, maxnreg=None),
-    dict(prefetch=0, direct_store=True, pipeline=2),
-    dict(prefetch=0, direct_store=True, pipeline=3),
-    dict(prefetch=0, direct_store=True, pipeline=4, heads_per_program=2),
-    dict(block_t=128, num_warps=8, prefetch=0, direct_store=True, pipeline=3),
-    dict(prefetch=0, direct_store=True, pipeline=3, outlier_prefetch=True),
+    dict(outlier_prefetch=False),
     dict(mask_rows=True),
-    dict(prefetch=2, direct_store=True, heads_per_program=2, mask_rows=True),
+    dict(prefetch=0, direct_store=True, heads_per_program=2, mask_rows=True),
 ]
 # launch settings of the raw score kernel; the first is the launcher's default for 2 and 4 bits
 # (version 2, decode row tile), version 3 is its default for 3 bits (head_dim 128, 16-bit queries).
@@ -69,7 +63,7 @@ SCORE_VARIANTS = [
     # defaults (next head's code words loaded one head ahead into registers, scores stored from
     # the accumulator layout, the tile's outlier index/delta lines asked from L2 before the head
     # loop), then without that prefetch (run 7's default). Run 7's load/store options and run 8's
-    # pipelined head loop (slower) are in their JSON and kvquant_h100_notes.md.
+    # pipelined head loop (slower, removed since) are in their JSON and kvquant_h100_notes.md.
     dict(version=3),
     dict(version=3, outlier_prefetch=False),
     # + only the real query rows of the query operands read (a quarter of their L2 bytes at GQA
@@ -82,8 +76,7 @@ def variant_label(variant: dict) -> str:
     names = {"block_t": "bt", "num_warps": "w", "num_stages": "stages",
              "heads_per_program": "heads", "words": "words", "prepared_queries": "prepared",
              "version": "v", "maxnreg": "maxnreg", "prefetch": "prefetch",
-             "direct_store": "direct", "operands_together": "together",
-             "outlier_row_chunk": "outlier_rows", "pipeline": "pipeline",
+             "direct_store": "direct", "outlier_row_chunk": "outlier_rows",
              "outlier_prefetch": "outlier_prefetch", "mask_rows": "mask_rows"}
     return " ".join(f"{names[key]}{int(value) if isinstance(value, bool) else value}"
                     for key, value in variant.items())

@@ -87,34 +87,27 @@ def variants():
             out.append((f"{name} bt{block_t} w{warps}", fn,
                         dict(base, BLOCK_T=block_t, PREPARED=prepared), warps, block_t, None))
     v3 = dict(BITS=BITS, NUM_SLOTS=NUM_SLOTS, BLOCK_M=16, CORRECTION_ROWS=GROUP, HEADS=8,
-              PRMT=True, OUTLIER_ROW_CHUNK=GROUP, MASK_ROWS=False)
+              PRMT=True, OUTLIER_ROW_CHUNK=GROUP, MASK_ROWS=False, OUTLIER_PREFETCH=False)
     for block_t, warps in ((64, 4), (128, 8)):
         for cap in (kq.V3_MAXNREG, None):
-            for prefetch, direct, together in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0),
-                                               (2, 1, 0), (0, 1, 1), (1, 1, 1)):
+            for prefetch, direct in ((0, 0), (1, 0), (0, 1), (1, 1)):
                 out.append((f"v3 register operand bt{block_t} w{warps} maxnreg {cap} "
-                            f"prefetch {prefetch} direct store {direct} operands together "
-                            f"{together}", kq3._kvquant_key_scores_v3_kernel,
-                            dict(v3, BLOCK_T=block_t, PREFETCH=prefetch, DIRECT_STORE=direct,
-                                 OPERANDS_TOGETHER=together, PIPELINE=1,
-                                 OUTLIER_PREFETCH=False), warps, block_t, cap))
-        for stages, early in ((2, False), (3, False), (3, True)):  # head loop pipelined
-            out.append((f"v3 register operand bt{block_t} w{warps} maxnreg {kq.V3_MAXNREG} "
-                        f"pipeline {stages} direct store 1 outlier prefetch {int(early)}",
-                        kq3._kvquant_key_scores_v3_kernel,
-                        dict(v3, BLOCK_T=block_t, PREFETCH=0, DIRECT_STORE=1,
-                             OPERANDS_TOGETHER=0, PIPELINE=stages, OUTLIER_PREFETCH=early),
-                        warps, block_t, kq.V3_MAXNREG))
+                            f"prefetch {prefetch} direct store {direct}",
+                            kq3._kvquant_key_scores_v3_kernel,
+                            dict(v3, BLOCK_T=block_t, PREFETCH=prefetch, DIRECT_STORE=direct),
+                            warps, block_t, cap))
+    defaults = dict(v3, BLOCK_T=64, PREFETCH=1, DIRECT_STORE=1, OUTLIER_PREFETCH=True)
+    out.append((f"v3 launcher defaults bt64 w4 maxnreg {kq.V3_MAXNREG} prefetch 1 direct store 1 "
+                "outlier prefetch 1", kq3._kvquant_key_scores_v3_kernel, defaults, 4, 64,
+                kq.V3_MAXNREG))
     # the launcher's defaults reading only the real query rows of the query operands
     out.append((f"v3 masked query rows bt64 w4 maxnreg {kq.V3_MAXNREG} prefetch 1 direct store "
                 "1 outlier prefetch 1", kq3._kvquant_key_scores_v3_kernel,
-                dict(v3, BLOCK_T=64, PREFETCH=1, DIRECT_STORE=1, OPERANDS_TOGETHER=0,
-                     PIPELINE=1, OUTLIER_PREFETCH=True, MASK_ROWS=True), 4, 64, kq.V3_MAXNREG))
+                dict(defaults, MASK_ROWS=True), 4, 64, kq.V3_MAXNREG))
     # 2-bit codes through version 3 with the launcher's defaults (its 1-bit plane loads vanish)
     out.append((f"v3 2-bit register operand bt64 w4 maxnreg {kq.V3_MAXNREG} prefetch 1 direct "
                 "store 1 outlier prefetch 1", kq3._kvquant_key_scores_v3_kernel,
-                dict(v3, BITS=2, BLOCK_T=64, PREFETCH=1, DIRECT_STORE=1, OPERANDS_TOGETHER=0,
-                     PIPELINE=1, OUTLIER_PREFETCH=True), 4, 64, kq.V3_MAXNREG))
+                dict(defaults, BITS=2), 4, 64, kq.V3_MAXNREG))
     return out
 
 

@@ -207,24 +207,19 @@ def test_key_scores_v3_matches_reference_and_v2(dtype, group, num_queries, token
 
 
 def test_key_scores_v3_load_order_changes_no_value():
-    """Loading the next KV head's code words / query operands one head ahead, or a head's three
-    query operands together, or through the software-pipelined head loop, or only the real query
-    rows of the operands (4 of the 16-row tile here) (4 KV heads in one program, a partial last
-    tile), gives bit-identical scores to loading each just before its use."""
+    """Loading the next KV head's code words one head ahead, or only the real query rows of the
+    operands (4 of the 16-row tile here) (4 KV heads in one program, a partial last tile), gives
+    bit-identical scores to loading each just before its use."""
     calibration = random_calibration(head_dim=128, num_kv_heads=4, outliers=0.02)
     t, _, (codes, index, delta) = _packed_keys(calibration, 3, 1, 45, (4, 1, 128))
     q = torch.randn(1, 16, 1, 128).to(torch.bfloat16)
     outs = []
-    for prefetch, together, pipeline, mask_rows in (
-            (0, False, 1, False), (1, False, 1, False), (2, False, 1, False), (0, True, 1, False),
-            (1, True, 1, False), (0, False, 3, False), (0, False, 1, True), (1, False, 1, True),
-            (2, False, 1, True), (1, True, 1, True)):
+    for prefetch, mask_rows in ((0, False), (1, False), (0, True), (1, True)):
         out = torch.full((1, 16, 1, 45), float("nan"))
         triton_kernels.key_scores(q, codes, index.to(torch.uint8), delta, t["key_zero"],
                                   t["key_scale"], t["key_lut"], t["inv_freq"], 1.0, 3,
                                   token_start=0, out=out, version=3, heads_per_program=4,
-                                  prefetch=prefetch, operands_together=together,
-                                  pipeline=pipeline, mask_rows=mask_rows)
+                                  prefetch=prefetch, mask_rows=mask_rows)
         assert torch.isfinite(out).all()
         outs.append(out)
     for out in outs[1:]:
