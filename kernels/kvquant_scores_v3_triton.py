@@ -400,12 +400,13 @@ V3_OUTLIER_PREFETCH = True
 # Store the scores from the accumulator's register layout (inline PTX) instead of tl.store's
 # conversion through shared memory (see _store_from_accumulator)
 V3_DIRECT_STORE = True
-# Bit widths `kvquant_triton.key_scores` sends to version 3 by default (where it fits). 2 bits
-# also fits (`v3_fits`) and matches the reference on the CPU interpreter; it joins the defaults
-# once a GPU run has checked its byte-permute path and timed it against version 2.
-V3_DEFAULT_BITS = (3,)
-# Read only the real query rows of the query operands (see _query_operand); off until timed
-V3_MASK_ROWS = False
+# Bit widths `kvquant_triton.key_scores` sends to version 3 by default (where it fits). Run 9 on
+# the H100: 2 bits 0.0860 / 0.3232 ms at 128K / 512K against version 2's 0.1553 / 0.5968, within
+# 3.1e-4 of the reference like version 2 (bench/results/kvquant_h100_run9*.json).
+V3_DEFAULT_BITS = (2, 3)
+# Read only the real query rows of the query operands (see _query_operand). Run 9 on the H100,
+# 3 bits: 0.0881 vs 0.0899 ms at 128K, 0.3230 vs 0.3371 ms at 512K; bit-identical scores.
+V3_MASK_ROWS = True
 
 
 def v3_fits(q: torch.Tensor, head_dim: int, bits: int, words: bool | None = None) -> bool:

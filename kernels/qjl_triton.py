@@ -165,34 +165,6 @@ def _select_by_rounds(energy, cols, slots, col_mask, D_PAD: tl.constexpr, NOUT: 
 
 
 @triton.jit
-def _select_by_rank(scratch_rows, index_rows, cols, slots, HEAD_DIM: tl.constexpr,
-                    D_PAD: tl.constexpr, NOUT: tl.constexpr, TILE_GROUPS: tl.constexpr,
-                    RANK_CHUNK: tl.constexpr):
-    """The same selection without rounds: each channel counts the channels that beat it (its
-    rank), comparing its energy with RANK_CHUNK others at a time read back from the scratch rows;
-    a channel of rank < NOUT is chosen and writes itself into slot `rank` of the index rows. One
-    sum per chunk along the compared axis (within a warp) and one barrier instead of NOUT
-    cross-warp max rounds."""
-    # Both sides loaded in the compare's own layout (no layout conversions through shared memory)
-    mine = tl.load(scratch_rows[:, :, None] + cols[None, :, None]).to(tl.int32, bitcast=True)
-    mine = tl.where(cols[None, :, None] < HEAD_DIM, mine, -1)
-    rank = tl.zeros((TILE_GROUPS, D_PAD), dtype=tl.int32)
-    for start in tl.static_range(0, D_PAD, RANK_CHUNK):
-        others = start + tl.arange(0, RANK_CHUNK)
-        theirs = tl.load(scratch_rows[:, :, None] + others[None, None, :]).to(tl.int32,
-                                                                              bitcast=True)
-        theirs = tl.where(others[None, None, :] < HEAD_DIM, theirs, -1)
-        beats = (theirs > mine) | ((theirs == mine) & (others[None, None, :] < cols[None, :, None]))
-        rank += tl.sum(beats.to(tl.int32), axis=2)
-    chosen = rank < NOUT
-    tl.store(index_rows + rank, tl.broadcast_to(cols[None, :], rank.shape), mask=chosen)
-    tl.debug_barrier()
-    index = tl.load(index_rows + slots[None, :])
-    index = tl.where(slots[None, :] < NOUT, index, 0)
-    return chosen, index
-
-
-@triton.jit
 def _gather_outliers(x, index, in_tile, kcols, cols, outlier_sketch_ptr, obyte_cols,
                      GROUP: tl.constexpr, NOUT: tl.constexpr, NOUT_PAD: tl.constexpr,
                      K_OUT: tl.constexpr, NBO_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -223,7 +195,6 @@ def _quantize_keys_kernel(
     outlier_norm_ptr,  # [num_groups * GROUP]
     outlier_index_ptr,  # [num_groups, NOUT] uint8
     scratch_ptr,  # [programs, TILE_GROUPS, D_PAD] float32 scratch rows
-    index_scratch_ptr,  # [programs, TILE_GROUPS, NOUT_PAD] int32 (RANK_SELECTION only)
     num_groups,
     groups_per_program,
     HEAD_DIM: tl.constexpr,
@@ -241,9 +212,6 @@ def _quantize_keys_kernel(
     PRECISION: tl.constexpr,
     ASM: tl.constexpr,
     HOIST: tl.constexpr,
-    RANK_SELECTION: tl.constexpr,
-    RANK_CHUNK: tl.constexpr,
-    DENSE_OUTLIERS: tl.constexpr,
     NB_DOT: tl.constexpr,
     NBO_DOT: tl.constexpr,
 ):
@@ -265,14 +233,8 @@ def _quantize_keys_kernel(
     if HOIST:
         # the inlier sketch planes once (tensor-core operands: they stay in shared memory)
         planes = _load_planes(sketch_rows, NB_PAD, col_mask[:, None], DOT_DTYPE)
-    if DENSE_OUTLIERS:
-        # the whole outlier sketch too: each token's outlier part is then one dense product of
-        # its key with the non-outlier channels zeroed (no gathered sketch rows per step)
-        outlier_rows = outlier_sketch_ptr + cols[:, None] * (8 * NBO_PAD) + obyte_cols[None, :]
-        dense_outlier_planes = _load_planes(outlier_rows, NBO_PAD, col_mask[:, None], DOT_DTYPE)
     scratch_rows = scratch_ptr + program * (TILE_GROUPS * D_PAD) + tile[:, None] * D_PAD
     scratch = scratch_rows + cols[None, :]
-    index_rows = index_scratch_ptr + program * (TILE_GROUPS * NOUT_PAD) + tile[:, None] * NOUT_PAD
     first = program * groups_per_program
     last = tl.minimum(first + groups_per_program, num_groups)
     for group0 in range(first, last, TILE_GROUPS):
@@ -298,14 +260,10 @@ def _quantize_keys_kernel(
             # The order of the reference's repeated argmax: higher energy first (non-negative
             # floats order like their bits), the lower channel first on ties; padding channels
             # rank last.
-            if RANK_SELECTION:  # reads the scratch rows in its own layouts
-                chosen, index = _select_by_rank(scratch_rows, index_rows, cols, slots, HEAD_DIM,
-                                                D_PAD, NOUT, TILE_GROUPS, RANK_CHUNK)
-            else:
-                energy = tl.load(scratch)
-                tl.debug_barrier()
-                chosen, index = _select_by_rounds(energy, cols, slots, col_mask, D_PAD, NOUT,
-                                                  TILE_GROUPS, NOUT_PAD)
+            energy = tl.load(scratch)
+            tl.debug_barrier()
+            chosen, index = _select_by_rounds(energy, cols, slots, col_mask, D_PAD, NOUT,
+                                              TILE_GROUPS, NOUT_PAD)
             tl.store(
                 outlier_index_ptr + groups[:, None] * NOUT + slots[None, :],
                 index.to(tl.uint8),
@@ -316,15 +274,9 @@ def _quantize_keys_kernel(
                 (BLOCK_T, D_PAD),
             )
             x_in = tl.where(token_is_outlier, 0.0, x)
-            if DENSE_OUTLIERS:
-                outliers = tl.where(token_is_outlier, x, 0.0)
-                outlier_norm = tl.sqrt(tl.sum(outliers.to(tl.float32) * outliers.to(tl.float32),
-                                              axis=1))
-                outlier_planes = dense_outlier_planes
-            else:
-                outliers, outlier_norm, outlier_planes = _gather_outliers(
-                    x, index, in_tile, kcols, cols, outlier_sketch_ptr, obyte_cols, GROUP,
-                    NOUT, NOUT_PAD, K_OUT, NBO_PAD, DOT_DTYPE, PRECISION)
+            outliers, outlier_norm, outlier_planes = _gather_outliers(
+                x, index, in_tile, kcols, cols, outlier_sketch_ptr, obyte_cols, GROUP, NOUT,
+                NOUT_PAD, K_OUT, NBO_PAD, DOT_DTYPE, PRECISION)
             tl.store(outlier_norm_ptr + tokens, outlier_norm.to(NORM_DTYPE), mask=tmask)
             outlier_bytes = _sign_bytes(
                 outliers.to(DOT_DTYPE), outlier_norm > 0, *outlier_planes, PRECISION, ASM
@@ -355,17 +307,10 @@ QUANTIZE_PROGRAMS_PER_SM = 2
 # ptxas register cap of the quantize kernel (None: uncapped, which takes all 255 registers and
 # leaves room for 2 programs per multiprocessor)
 QUANTIZE_MAXNREG = None
-# Choose outlier channels by rank counts (_select_by_rank) instead of NOUT max rounds; channels
-# compared per chunk. (Tried and dropped: the rounds on max(groups, warps) scratch rows, each
-# group's channels in one warp: 30 instead of 56 barriers per step offline, but 8% slower on the
-# H100 for the round trips back to the tile's rows; bench/results/qjl_explore/README.md.)
-QUANTIZE_RANK_SELECTION = False
-QUANTIZE_RANK_CHUNK = 16
-# Outlier projections as dense dots of the keys with the other channels zeroed, against the whole
-# outlier sketch held for the kernel's life, instead of gathering each group's outlier values
-# (a one-hot dot) and its sketch rows (global loads staged per step) into a block-diagonal
-# operand. Same products (the zeroed channels add exact zeros), summed in another order.
-QUANTIZE_DENSE_OUTLIERS = False
+# Measured and removed (bench/results/qjl_explore/README.md): outlier channels chosen by rank
+# counts instead of max rounds (run 3: 0.81-0.83 vs 0.61 ms at 128K), outlier projections as
+# dense dots against the whole outlier sketch held in shared memory (1.07-1.38 ms: one program per
+# multiprocessor), warp-local max rounds (run 2: 0.653 ms).
 # The sign-byte dots' N at its minimum (16, or the bytes rounded up to a power of two) instead of
 # the planes' 32-byte padding: for m = 128 half the inlier dot work and operand bytes.
 QUANTIZE_NARROW_PLANES = False
@@ -430,11 +375,10 @@ def quantize_keys(
     programs = triton.cdiv(num_groups, groups_per_program)
     d_pad = next_power_of_2(head_dim)
     scratch = torch.empty(programs, tile_groups, d_pad, dtype=torch.float32, device=device)
-    index_scratch = torch.empty(programs, tile_groups, slots, dtype=torch.int32, device=device)
     _quantize_keys_kernel[(programs,)](
         x, sketch_planes, outlier_sketch_planes, signs, norm,
         fields.get("outlier_signs", signs), fields.get("outlier_norm", norm),
-        fields.get("outlier_index", signs), scratch, index_scratch,
+        fields.get("outlier_index", signs), scratch,
         num_groups, groups_per_program,
         HEAD_DIM=head_dim, D_PAD=d_pad,
         NB=sketch_dim // 8, NB_PAD=bytes_pad(sketch_dim // 8),
@@ -442,8 +386,6 @@ def quantize_keys(
         NOUT=num_outliers, NOUT_PAD=slots, GROUP=group_size, TILE_GROUPS=tile_groups,
         DOT_DTYPE=operand, NORM_DTYPE=triton_dtype(x.dtype),
         PRECISION="ieee" if wide else None, ASM=not triton_interpret_enabled(), HOIST=not wide,
-        RANK_SELECTION=QUANTIZE_RANK_SELECTION, RANK_CHUNK=min(QUANTIZE_RANK_CHUNK, d_pad),
-        DENSE_OUTLIERS=QUANTIZE_DENSE_OUTLIERS and num_outliers > 0,
         NB_DOT=_dot_bytes(sketch_dim // 8), NBO_DOT=_dot_bytes(outlier_sketch_dim // 8),
         num_stages=1 if one_group else 2, num_warps=QUANTIZE_NUM_WARPS,
         **({"maxnreg": QUANTIZE_MAXNREG}

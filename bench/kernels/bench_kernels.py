@@ -459,25 +459,12 @@ SWEEPS = {
               1e-3),
     "quantize": (qjl_triton,
                  ("QUANTIZE_TILE_TOKENS", "QUANTIZE_NUM_WARPS", "QUANTIZE_PROGRAMS_PER_SM",
-                  "QUANTIZE_MAXNREG", "QUANTIZE_RANK_SELECTION", "QUANTIZE_RANK_CHUNK",
-                  "QUANTIZE_DENSE_OUTLIERS", "QUANTIZE_NARROW_PLANES"),
-                 # rank selection (offline sm_90: 29 instead of 56 barriers per source pass at
-                 # 64-token tiles, 440 B of spills; 32-token tiles 26, 236 registers, no
-                 # spills); dense outlier dots against the held outlier sketch instead of
-                 # gathered rows; sign-byte dots 16 bytes wide instead of 32. Run 2's sweep
-                 # (warp-local rounds, 32-token tiles, register caps: all slower) is in
-                 # qjl_explore/README.md
-                 [(64, 4, 2, None, False, 16, False, False),
-                  (64, 4, 2, None, False, 16, True, False),
-                  (64, 4, 2, None, False, 16, False, True),
-                  (64, 4, 2, None, False, 16, True, True),
-                  (64, 4, 1, None, False, 16, True, True),
-                  (64, 8, 1, None, False, 16, True, False),
-                  (64, 4, 2, None, True, 16, False, False),
-                  (64, 4, 2, None, True, 8, False, False),
-                  (64, 4, 2, None, True, 16, True, True),
-                  (64, 8, 1, None, True, 16, True, True),
-                  (32, 4, 2, None, True, 16, True, True)],
+                  "QUANTIZE_MAXNREG", "QUANTIZE_NARROW_PLANES"),
+                 # run 3 (kernels_h100_qjl_run3.json): rank selection, dense outlier dots and
+                 # their mixes all slower, removed; narrow planes a tie at 256-bit sketches. Runs
+                 # 2-3 and what each option was: qjl_explore/README.md
+                 [(64, 4, 2, None, False), (64, 4, 2, None, True), (64, 8, 1, None, False),
+                  (32, 4, 2, None, False)],
                  1e-3),
     "values": (values_triton, ("ATTEND_BLOCK_T", "ATTEND_NUM_WARPS"),
                [(b, w) for b in (32, 64, 128) for w in (4, 8)], 1e-2),

@@ -50,11 +50,11 @@ V3_CHECKS = [
     dict(block_t=128, num_warps=8, direct_store=True),
     dict(block_t=128, num_warps=8, direct_store=True, maxnreg=None),
     dict(outlier_prefetch=False),
-    dict(mask_rows=True),
-    dict(prefetch=0, direct_store=True, heads_per_program=2, mask_rows=True),
+    dict(mask_rows=False),
+    dict(prefetch=0, direct_store=True, heads_per_program=2, mask_rows=False),
 ]
-# launch settings of the raw score kernel; the first is the launcher's default for 2 and 4 bits
-# (version 2, decode row tile), version 3 is its default for 3 bits (head_dim 128, 16-bit queries).
+# launch settings of the raw score kernel; the first is the launcher's default for 4 bits (version
+# 2, decode row tile), version 3 is its default for 2 and 3 bits (head_dim 128, 16-bit queries).
 # prepared0: version 2's first form, query operands rebuilt per tile and head inside the kernel
 # (the default prepares them once per call, see key_scores(prepared_queries=...)).
 SCORE_VARIANTS = [
@@ -66,9 +66,9 @@ SCORE_VARIANTS = [
     # pipelined head loop (slower, removed since) are in their JSON and kvquant_h100_notes.md.
     dict(version=3),
     dict(version=3, outlier_prefetch=False),
-    # + only the real query rows of the query operands read (a quarter of their L2 bytes at GQA
-    # 4; offline sm_90: head loop 363 vs 341 SASS, 3 spill ld/st at the 128-register cap)
-    dict(version=3, mask_rows=True),
+    # reading every row of the query operands (run 9: the default mask_rows=True, which reads only
+    # the real query rows, a quarter of their L2 bytes at GQA 4, is 2-4% faster)
+    dict(version=3, mask_rows=False),
 ]
 
 
@@ -193,8 +193,8 @@ def _rows_for_bits(codec, tokens, k, v, q, p, device, roofline_gbps, timed) -> l
         kvquant_triton.key_scores, q, used["codes"], used["outlier_index"], used["outlier_delta"],
         t["key_zero"], t["key_scale"], t["key_lut"], t["inv_freq"], 1.0, bits, token_start=1,
         out=out)
-    # other bit widths: the launcher's default and, where it fits, version 3 (2 bits: opt-in
-    # until timed, V3_DEFAULT_BITS)
+    # other bit widths: version 2 and, where it fits, version 3 (the default for 2 bits since
+    # run 9)
     others = [dict(version=3)] if kvquant_scores_v3_triton.v3_fits(q, q.shape[-1], bits) else []
     for variant in SCORE_VARIANTS if bits == 3 else SCORE_VARIANTS[:1] + others:
         rows.append(timed(f"KVQuant-{bits} score kernel {variant_label(variant)}",

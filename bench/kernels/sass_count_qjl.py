@@ -1,6 +1,6 @@
 """Offline sm_90 resource counts of QJL's fused quantize kernel, no GPU: registers, spill bytes,
-shared memory, SASS size, barriers and tensor-core instructions per variant of its launch knobs
-(kernels/qjl_triton.py QUANTIZE_*), compiled with the GPU machine's Triton as sass_count.py does.
+shared memory, SASS size, barriers and tensor-core instructions per tile size (kernels/qjl_triton.py
+QUANTIZE_*), compiled with the GPU machine's Triton as sass_count.py does.
 
     pip install --target /tmp/t36 triton==3.6.0
     PYTHONPATH=/tmp/t36 .venv/bin/python bench/kernels/sass_count_qjl.py [--dump DIR]
@@ -31,20 +31,15 @@ INTS = dict(num_groups=GROUPS, groups_per_program=-(-GROUPS // 264) // 2 * 2)
 
 
 def variants():
-    """(label, constexprs, num_warps) for tiles of 64 and 32 tokens, selection by max rounds or by
-    rank, gathered or dense outlier dots."""
+    """(label, constexprs, num_warps) for tiles of 64 and 32 tokens."""
     out = []
     for tile in (64, 32):
-        for rank in (False, True):
-            for dense in (False, True):
-                constexprs = dict(
-                    HEAD_DIM=128, D_PAD=128, NB=32, NB_PAD=32, NBO=32, NBO_PAD=32, NOUT=8,
-                    NOUT_PAD=max(8, 16 // (tile // 32)), GROUP=32, TILE_GROUPS=tile // 32,
-                    DOT_DTYPE=tl.bfloat16, NORM_DTYPE=tl.bfloat16, PRECISION=None, ASM=True,
-                    HOIST=True, RANK_SELECTION=rank, RANK_CHUNK=16, DENSE_OUTLIERS=dense,
-                    NB_DOT=32, NBO_DOT=32)
-                out.append((f"tile {tile} rank selection {int(rank)} dense outliers {int(dense)}",
-                            constexprs, 4))
+        constexprs = dict(
+            HEAD_DIM=128, D_PAD=128, NB=32, NB_PAD=32, NBO=32, NBO_PAD=32, NOUT=8,
+            NOUT_PAD=max(8, 16 // (tile // 32)), GROUP=32, TILE_GROUPS=tile // 32,
+            DOT_DTYPE=tl.bfloat16, NORM_DTYPE=tl.bfloat16, PRECISION=None, ASM=True, HOIST=True,
+            NB_DOT=32, NBO_DOT=32)
+        out.append((f"tile {tile}", constexprs, 4))
     return out
 
 
