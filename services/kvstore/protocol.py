@@ -24,7 +24,11 @@ STREAMED_GET_BYTES = 2 << 20
 # Put call), which overlaps only where cores are free. A host with MANY_CORES or more (a GPU
 # server) splits a 4 MiB record in 4; a small machine keeps larger ranges. Measured with
 # bench_store.py (alternating rounds, medians):
-#   16-core H100 host, 20 rounds (bench/results/kvstore_throughput_h100_host_run4.json): 4 MiB
+#   16-core H100 host, 20 rounds (bench/results/kvstore_throughput_h100_host_run5.json): 4 MiB
+#     Get 4 ranges 0.48x raw GET, 8 ranges 0.36x, one call 0.39x; Put 4 ranges 0.71x, 8 ranges
+#     0.55x, one call 0.40x (the defaults: Get 0.45x, Put 0.67x); 16 MiB 8 ranges Get 1.27x, Put
+#     1.15x, 4 ranges 1.13x / 0.93x.
+#   Same host, run 4 (bench/results/kvstore_throughput_h100_host_run4.json): 4 MiB
 #     Get 4 ranges 0.46x raw GET, 2 ranges 0.42x, one call 0.36x; Put 4 ranges 0.73x raw SET,
 #     2 ranges 0.57x, one call 0.46x; 16 MiB Get 4 ranges 1.00x, Put 4 ranges 0.95x.
 #   Shared 2-core VM, one core held by other work (client, service and Redis share the other),
