@@ -24,10 +24,10 @@ from kvpack.kernels import qjl_triton  # noqa: E402
 GROUPS = 131072 * 8 // 32
 POINTERS = {"x_ptr": "*bf16", "sketch_ptr": "*bf16", "outlier_sketch_ptr": "*bf16",
             "signs_ptr": "*u8", "norm_ptr": "*bf16", "outlier_signs_ptr": "*u8",
-            "outlier_norm_ptr": "*bf16", "outlier_index_ptr": "*u8", "scratch_ptr": "*fp32",
-            "index_scratch_ptr": "*i32"}
-# 132 multiprocessors x 2 programs, as the launcher splits the groups
-INTS = dict(num_groups=GROUPS, groups_per_program=-(-GROUPS // 264) // 2 * 2)
+            "outlier_norm_ptr": "*bf16", "outlier_index_ptr": "*u8", "scratch_ptr": "*fp32"}
+# 132 multiprocessors x 2 programs, as the launcher splits the groups (a multiple of 2 groups, the
+# 64-token tile's)
+INTS = dict(num_groups=GROUPS, groups_per_program=-(-GROUPS // 264 // 2) * 2)
 
 
 def variants():

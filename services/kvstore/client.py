@@ -270,10 +270,10 @@ class KVStoreClient:
         and gRPC core's receives run off the GIL; GetMany over 4 connections moves ~1x raw GET).
 
         The server sends ranges unverified, so the record is verified here, range by range as
-        they arrive. Returns the
-        record, None for a miss (no range found), or _MISMATCH when the caller must fetch the
-        record whole instead: it failed verification (corrupt, or overwritten between the ranges),
-        ranges disagree (another size, evicted midway) or the server ignores ranges."""
+        they arrive. Returns the record, None for a miss (no range found), or _MISMATCH when the
+        caller must fetch the record whole instead: it failed verification (corrupt, or
+        overwritten between the ranges), ranges disagree (another size, evicted midway) or the
+        server ignores ranges."""
         count = max(1, min(self._range_count, size // self._range_bytes),
                     -(-size // MAX_WHOLE_RECORD_BYTES))  # no range over the message limit
         step = -(-size // count)
@@ -291,18 +291,17 @@ class KVStoreClient:
         # transfer instead of following it (xxh3 runs off the GIL).
         verifier = record.RecordVerifier(size, namespace)
         chunks: list = []
-        consistent = True  # every range so far is found and where it belongs
+        first_bad = None  # the first range that is an error, missing or not where it belongs
         for index, offset in enumerate(offsets):
             chunk = fetch(0) if index == 0 else rest[index - 1].result()  # none outlives this call
             chunks.append(chunk)
-            if consistent and not isinstance(chunk, StoreError):
-                if (not chunk.found or chunk.total_bytes != size or chunk.offset != offset
-                        or len(chunk.data) != min(step, size - offset)):
-                    consistent = False
-                    if chunk.found and not chunk.data:  # a server without ranges: too large
-                        self._ranges_served = False
-                else:
-                    verifier.update(chunk.data)
+            if first_bad is not None:
+                continue
+            if (isinstance(chunk, StoreError) or not chunk.found or chunk.total_bytes != size
+                    or chunk.offset != offset or len(chunk.data) != min(step, size - offset)):
+                first_bad = chunk
+            else:
+                verifier.update(chunk.data)
         errors = [chunk for chunk in chunks if isinstance(chunk, StoreError)]
         for error in errors:
             if not isinstance(error, InvalidRequest):
@@ -311,7 +310,9 @@ class KVStoreClient:
             return _MISMATCH
         if not any(chunk.found for chunk in chunks):
             return None
-        if not consistent:  # another size, evicted midway, or a server without ranges
+        if first_bad is not None:  # another size, evicted midway, or a server without ranges
+            if first_bad.found and not first_bad.data:  # without ranges: too large, no data
+                self._ranges_served = False
             return _MISMATCH
         try:
             verifier.finish()
